@@ -1,0 +1,14 @@
+"""hf_kvquant: INT8/FP8 per-token-head KV-cache quantization for Hugging Face transformers."""
+
+from .cache import QuantizedPerTokenHeadCache, QuantizedPerTokenHeadLayer, kv_cache_nbytes
+from .modes import KVQuantMode
+from .quantized_kv import ATTENTION_NAME, QuantizedKV
+
+__all__ = [
+    "ATTENTION_NAME",
+    "KVQuantMode",
+    "QuantizedKV",
+    "QuantizedPerTokenHeadCache",
+    "QuantizedPerTokenHeadLayer",
+    "kv_cache_nbytes",
+]

@@ -1,0 +1,378 @@
+"""`QuantizedPerTokenHeadCache`: a drop-in `transformers.Cache` that stores keys and values as INT8/FP8.
+
+Each layer owns four buffers, ``key/value_data [batch, kv_heads, capacity, head_dim]`` (int8 or
+float8_e4m3fn) and ``key/value_scale [batch, kv_heads, capacity]`` (float32), and never keeps a
+full-precision copy of the past. Slots ``[0, stored)`` hold the latest ``stored`` tokens in position
+order. Capacity grows in steps of a small fraction of the length (never per decode step, never by
+doubling, so the memory held stays close to the memory used), or is fixed up front by
+``max_cache_len``. What `update` hands to attention is described in `hf_kvquant.quantized_kv`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, get_layer_types_and_kwargs
+
+from .modes import KVQuantMode
+from .ops.quantize import quantize_into
+from .quantized_kv import ATTENTION_NAME, QuantizedKV
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The head dims hf_kvquant's attention kernels are built for.
+SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
+
+# Growth policy: capacity = round_up(needed + max(GROWTH_MIN_TOKENS, needed // GROWTH_FRACTION), CAPACITY_GRANULE).
+# The held bytes stay within ~1.6 % (+ 80 tokens) of the used bytes, and the amortised copy per new
+# token stays bounded (each growth copies the layer once per 1/64 of its length).
+CAPACITY_GRANULE = 16
+GROWTH_MIN_TOKENS = 64
+GROWTH_FRACTION = 64
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _grown_capacity(needed: int) -> int:
+    return _round_up(needed + max(GROWTH_MIN_TOKENS, needed // GROWTH_FRACTION), CAPACITY_GRANULE)
+
+
+# One shared 0..N-1 ramp per device: the write slots of an update are a view of it, so a decode
+# step launches no extra kernel to build them.
+_SLOT_RAMPS: dict[torch.device, torch.Tensor] = {}
+
+
+def _slot_range(device: torch.device, start: int, count: int) -> torch.Tensor:
+    ramp = _SLOT_RAMPS.get(device)
+    if ramp is None or ramp.numel() < start + count:
+        ramp = torch.arange(_round_up(2 * (start + count), 4096), device=device)
+        _SLOT_RAMPS[device] = ramp
+    return ramp[start : start + count]
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    # Index ops on float8 are missing on CPU; the bytes are what moves anyway.
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+class QuantizedPerTokenHeadLayer(CacheLayerMixin):
+    """One layer's quantized keys and values; a sliding-window layer if ``sliding_window`` is given.
+
+    A sliding-window layer hands attention the last ``sliding_window - 1`` cached tokens plus the new
+    ones, as transformers' `DynamicSlidingWindowLayer` does, and drops older tokens lazily: only when
+    the buffer is full does it move the tokens still needed to the front (once per ~64 steps).
+    """
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, mode: KVQuantMode | str, sliding_window: int | None = None, max_cache_len: int | None = None):
+        super().__init__()
+        self.mode = KVQuantMode.parse(mode)
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.max_cache_len = max_cache_len
+        self.cumulative_length = 0  # tokens seen so far: the position of the next token
+        self.stored = 0  # tokens in slots [0, stored), the last of them at position cumulative_length - 1
+        self.record_past = False  # set by generate for assisted decoding: keep what a later crop may need
+        self._rollback_base = 0  # cumulative_length at the last crop while recording the past
+        self.key_data = self.key_scale = self.value_data = self.value_scale = None
+
+    def __repr__(self) -> str:
+        window = f", sliding_window={self.sliding_window}" if self.is_sliding else ""
+        return f"{type(self).__name__}({self.mode.value}{window}, tokens={self.stored}, capacity={self.capacity})"
+
+    # -- buffers -------------------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.key_data is None else self.key_data.shape[2]
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return () if self.key_data is None else (self.key_data, self.key_scale, self.value_data, self.value_scale)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer holds on its device: allocated capacity, scales included."""
+        return sum(t.nbytes for t in self.buffers)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        batch, heads, _, head_dim = key_states.shape
+        self._allocate(batch, heads, head_dim, 0 if self.is_sliding else (self.max_cache_len or 0))
+        self.is_initialized = True
+
+    def _allocate(self, batch: int, heads: int, head_dim: int, capacity: int, drop: int = 0) -> None:
+        """New buffers of ``capacity`` slots holding the stored tokens but the ``drop`` oldest."""
+        # All four buffers are built before any is replaced: an allocation failure changes nothing.
+        new = (
+            torch.zeros(batch, heads, capacity, head_dim, dtype=self.mode.storage_dtype, device=self.device),
+            torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
+            torch.zeros(batch, heads, capacity, head_dim, dtype=self.mode.storage_dtype, device=self.device),
+            torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
+        )
+        for old, fresh in zip(self.buffers, new):
+            _as_bytes(fresh)[:, :, : self.stored - drop] = _as_bytes(old)[:, :, drop : self.stored]
+        self.key_data, self.key_scale, self.value_data, self.value_scale = new
+        self.stored -= drop
+
+    def _reallocate(self, capacity: int, drop: int = 0) -> None:
+        batch, heads, _, head_dim = self.key_data.shape
+        self._allocate(batch, heads, head_dim, capacity, drop)
+
+    def _tokens_to_keep(self) -> int:
+        """How many of the stored tokens a future step (or rollback) can still need."""
+        if not self.is_sliding:
+            return self.stored
+        pending = self.cumulative_length - self._rollback_base if self.record_past else 0
+        return min(self.stored, self.sliding_window - 1 + pending)
+
+    def _reserve(self, count: int) -> None:
+        """Make room for ``count`` more tokens after the stored ones."""
+        if self.stored + count <= self.capacity:
+            return
+        drop = self.stored - self._tokens_to_keep()
+        if drop > 0 and self.stored - drop + count <= self.capacity:
+            # Sliding window: move the tokens still needed to the front, in place.
+            for t in self.buffers:
+                t = _as_bytes(t)
+                t[:, :, : self.stored - drop] = t[:, :, drop : self.stored].clone()
+            self.stored -= drop
+        else:
+            self._reallocate(_grown_capacity(self.stored - drop + count), drop)
+
+    def _shrink_after_long_prefill(self) -> None:
+        # A sliding layer took a whole prompt longer than its window: give the memory back.
+        keep = self._tokens_to_keep()
+        if self.capacity > 2 * _grown_capacity(max(keep, self.sliding_window)):
+            self._reallocate(_grown_capacity(keep), self.stored - keep)
+
+    # -- the Cache layer contract -------------------------------------------------------------------------
+
+    def _check_input(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Reject what this layer cannot store, before anything changes."""
+        if not isinstance(key_states, torch.Tensor) or not isinstance(value_states, torch.Tensor):
+            raise TypeError("key_states and value_states must be torch.Tensor")
+        if key_states.dim() != 4 or key_states.shape != value_states.shape:
+            raise ValueError(
+                "key_states and value_states must both be [batch, kv_heads, tokens, head_dim] of one shape; got "
+                f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
+            )
+        if key_states.dtype not in SUPPORTED_DTYPES or value_states.dtype != key_states.dtype:
+            raise ValueError(
+                f"unsupported key/value dtype {key_states.dtype}/{value_states.dtype}; accepted: one of "
+                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} for both"
+            )
+        head_dim = key_states.shape[-1]
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"unsupported head_dim {head_dim}; accepted: {SUPPORTED_HEAD_DIMS}")
+        if key_states.device != value_states.device:
+            raise ValueError(f"key_states on {key_states.device} but value_states on {value_states.device}")
+        needed = self.stored + key_states.shape[-2]
+        if self.max_cache_len is not None and not self.is_sliding and needed > self.max_cache_len:
+            raise ValueError(f"{needed} tokens exceed this cache's max_cache_len={self.max_cache_len}")
+        if not self.is_initialized:
+            return
+        if key_states.device != self.device:
+            raise ValueError(f"key/value states on {key_states.device}, but this layer's cache is on {self.device}")
+        batch, heads, _, cached_head_dim = self.key_data.shape
+        new_batch, new_heads, _, _ = key_states.shape
+        if (new_batch, new_heads, head_dim) != (batch, heads, cached_head_dim):
+            raise ValueError(
+                f"key/value states of (batch, kv_heads, head_dim) = {(new_batch, new_heads, head_dim)} do not match "
+                f"the cache's {(batch, heads, cached_head_dim)}"
+            )
+        if key_states.dtype != self.dtype:
+            raise ValueError(f"key/value states are {key_states.dtype}, but this layer was filled with {self.dtype}")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[QuantizedKV, QuantizedKV]:
+        """Quantize and store ``[batch, kv_heads, tokens, head_dim]`` keys and values; return what attention sees
+        (the stored tokens the mask describes, the new ones included) as `QuantizedKV` views."""
+        self._check_input(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        count = key_states.shape[-2]
+        past_visible = min(self.cumulative_length, self.sliding_window - 1) if self.is_sliding else self.stored
+        self._reserve(count)
+        slots = _slot_range(self.device, self.stored, count)
+        quantize_into(key_states, value_states, slots, *self.buffers, self.mode)
+        self.stored += count
+        self.cumulative_length += count
+        keys, values = self._view(self.stored - past_visible - count, self.stored)
+        if self.is_sliding:
+            self._shrink_after_long_prefill()  # the views above keep the old buffers alive for this step
+        return keys, values
+
+    def _view(self, start: int, end: int) -> tuple[QuantizedKV, QuantizedKV]:
+        return (
+            QuantizedKV(self.key_data, self.key_scale, start, end, self.mode, self.dtype),
+            QuantizedKV(self.value_data, self.value_scale, start, end, self.mode, self.dtype),
+        )
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        if self.is_sliding:
+            return self.sliding_window
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the next forward pass: as transformers' Dynamic(SlidingWindow)Layer."""
+        if not self.is_sliding:
+            return self.cumulative_length + query_length, 0
+        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        return min(self.cumulative_length, self.sliding_window - 1) + query_length, kv_offset
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+        self._rollback_base = self.cumulative_length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (a negative number, as in transformers 5); ``crop(0)`` keeps all."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative number of tokens to remove (transformers' convention)"
+            )
+        count = -tokens_to_remove
+        if count > self.cumulative_length:
+            raise ValueError(f"cannot remove {count} tokens from a layer holding {self.cumulative_length}")
+        if self.is_sliding and self.stored - count < min(self.cumulative_length - count, self.sliding_window - 1):
+            raise RuntimeError(
+                f"cannot remove {count} tokens: this sliding-window layer no longer holds the tokens before them; "
+                "call activate_past_recording() before generating what you may roll back"
+            )
+        self.stored -= count
+        self.cumulative_length -= count
+        self._rollback_base = self.cumulative_length
+
+    def reset(self) -> None:
+        self.key_data = self.key_scale = self.value_data = self.value_scale = None
+        self.stored = self.cumulative_length = self._rollback_base = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]``, in place (the buffers keep their storage)."""
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.device)
+            for t in self.buffers:
+                t = _as_bytes(t)
+                t.copy_(t.index_select(0, beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._replace_buffers(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            indices = indices.to(self.device) if isinstance(indices, torch.Tensor) else indices
+            self._replace_buffers(lambda t: t[indices])
+
+    def _replace_buffers(self, fn) -> None:
+        new = [fn(_as_bytes(t)).view(t.dtype) for t in self.buffers]
+        self.key_data, self.key_scale, self.value_data, self.value_scale = new
+
+    def offload(self):
+        raise NotImplementedError("QuantizedPerTokenHeadCache does not offload layers to the CPU")
+
+    def prefetch(self):
+        raise NotImplementedError("QuantizedPerTokenHeadCache does not offload layers to the CPU")
+
+
+class QuantizedPerTokenHeadCache(Cache):
+    """A `transformers.Cache` that keeps keys and values as INT8 or FP8 e4m3 with one scale per token per KV head.
+
+    Args:
+        config: the model's config. Optional, as for `DynamicCache`; needed for hybrid models (sliding-window
+            layers), and it tells the cache whether the model runs hf_kvquant's attention, which then receives
+            the quantized buffers instead of dequantized copies (see `hf_kvquant.quantized_kv`).
+        mode: ``"int8_per_token_head"``, ``"fp8_per_token_head"`` or a `KVQuantMode`.
+        max_cache_len: preallocate every full-attention layer for this many tokens (no growth at all; more
+            tokens raise a `ValueError`). Without it, buffers grow in small steps as tokens arrive.
+
+    Example::
+
+        cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head")
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        print(cache.nbytes)
+    """
+
+    def __init__(
+        self,
+        config=None,
+        mode: KVQuantMode | str = KVQuantMode.INT8_PER_TOKEN_HEAD,
+        max_cache_len: int | None = None,
+    ):
+        self.mode = KVQuantMode.parse(mode)
+        if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len <= 0):
+            raise ValueError(f"max_cache_len must be a positive int or None; got {max_cache_len!r}")
+        self.max_cache_len = max_cache_len
+        self.config = None if config is None else config.get_text_config(decoder=True)
+        new_layer = functools.partial(QuantizedPerTokenHeadLayer, self.mode, max_cache_len=max_cache_len)
+        if self.config is None:
+            super().__init__(layer_class_to_replicate=new_layer)
+            return
+        layer_types, per_layer_kwargs = get_layer_types_and_kwargs(self.config)
+        layers = []
+        for layer_type, kwargs in zip(layer_types, per_layer_kwargs):
+            if layer_type == "full_attention":
+                layers.append(new_layer())
+            elif layer_type == "sliding_attention":
+                layers.append(new_layer(sliding_window=kwargs["sliding_window"]))
+            elif layer_type == "dummy":  # layers that reuse another layer's KV, or have no attention
+                layers.append(DummyLayer())
+            else:
+                raise ValueError(
+                    f"layer type {layer_type!r} is not supported by QuantizedPerTokenHeadCache; "
+                    "accepted: 'full_attention', 'sliding_attention'"
+                )
+        super().__init__(layers=layers)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode.value!r}, layers={len(self.layers)}, nbytes={self.nbytes})"
+
+    def __deepcopy__(self, memo):
+        # The config is shared, not copied: it belongs to the model, whose attention choice it reflects.
+        memo[id(self.config)] = self.config
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
+        return clone
+
+    @property
+    def hands_over_quantized(self) -> bool:
+        """Whether `update` returns `QuantizedKV` buffers (the model runs hf_kvquant's attention) or dequantized tensors."""
+        return getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Quantize and store the new keys and values of ``layer_idx``; return what attention reads
+        (`QuantizedKV` for hf_kvquant's attention, dequantized tensors for any other)."""
+        if self.layer_class_to_replicate is not None:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class_to_replicate())
+        keys, values = self.layers[layer_idx].update(key_states, value_states)
+        if self.hands_over_quantized:
+            return keys, values
+        return keys.dequantize(), values.dequantize()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds on its devices: allocated capacity of all layers, scales included."""
+        return sum(getattr(layer, "nbytes", 0) for layer in self.layers)
+
+
+def kv_cache_nbytes(cache: Cache) -> int:
+    """Bytes held by any transformers cache (`DynamicCache`, `StaticCache`, ours), for side-by-side comparisons."""
+    if isinstance(cache, QuantizedPerTokenHeadCache):
+        return cache.nbytes
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.nbytes
+    return total

@@ -1,0 +1,1 @@
+"""Kernels, each beside the plain-PyTorch reference that defines its math."""

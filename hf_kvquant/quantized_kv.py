@@ -1,0 +1,60 @@
+"""The hand-over contract between the quantized cache and attention.
+
+`QuantizedPerTokenHeadCache.update` returns, for keys and for values, either
+
+* plain tensors ``[batch, kv_heads, kv_len, head_dim]`` in the model's dtype, dequantized from the
+  cache, when the model runs any attention implementation other than hf_kvquant's (``sdpa``,
+  ``eager``, ...): every implementation keeps working, at the cost of materialising the copy; or
+* a `QuantizedKV` when the model's ``config._attn_implementation`` is `ATTENTION_NAME` (the cache
+  reads it from the config it was built with): the cache's own buffers, never copied, which
+  hf_kvquant's attention reads and dequantizes inside its kernels.
+
+In both cases the ``kv_len`` tokens handed over are exactly those that transformers' mask for the
+layer describes (``Cache.get_mask_sizes``), in position order, and they include the tokens written
+by this very forward pass *as quantized values*: prefill, decode and teacher-forced perplexity all
+attend to the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .modes import KVQuantMode
+from .ops.quantize import dequantize
+
+# The name under which hf_kvquant's attention is registered with transformers' AttentionInterface.
+ATTENTION_NAME = "hf_kvquant"
+
+
+@dataclass(frozen=True)
+class QuantizedKV:
+    """Keys or values of one layer as stored: slots ``[start, end)`` of the cache buffers are handed over.
+
+    ``data``  ``[batch, kv_heads, capacity, head_dim]``, int8 or float8_e4m3fn (the whole buffer, not a copy);
+    ``scale`` ``[batch, kv_heads, capacity]`` float32, one per token-head: ``value = data * scale``.
+    ``dtype`` is the dtype of the tensors the model wrote, which a dequantized copy takes.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    start: int
+    end: int
+    mode: KVQuantMode
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the tensor this stands for: ``[batch, kv_heads, end - start, head_dim]``."""
+        batch, heads, _, head_dim = self.data.shape
+        return torch.Size((batch, heads, self.end - self.start, head_dim))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def dequantize(self) -> torch.Tensor:
+        """A dequantized copy ``[batch, kv_heads, end - start, head_dim]`` in ``dtype``."""
+        window = slice(self.start, self.end)
+        return dequantize(self.data[:, :, window], self.scale[:, :, window], self.dtype)
