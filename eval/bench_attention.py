@@ -1,0 +1,137 @@
+"""GPU benchmark of attention over the quantized cache, side by side with its baselines in one run.
+
+Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), bf16 queries:
+- decode (1 query token) at (batch, cache length) = (1, 32k), (8, 4k), (8, 32k), (32, 8k):
+  hf_kvquant INT8 and FP8 kernels, `scaled_dot_product_attention` over a bf16 cache (``enable_gqa=True``),
+  and dequantize-then-SDPA over the INT8 cache;
+- prefill of 8k tokens, batch 1, causal: the same kernel against SDPA (flash) on bf16;
+- the device's copy bandwidth, to read the decode times against.
+
+    python eval/bench_attention.py [--out-dir eval/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+import triton
+
+from hf_kvquant import KVQuantMode, QuantizedKV
+from hf_kvquant.ops.attention import quantized_attention
+from hf_kvquant.ops.quantize import quantize_into_triton
+
+HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+DECODE_SHAPES = [(1, 32768), (8, 4096), (8, 32768), (32, 8192)]
+PREFILL_TOKENS = 8192
+
+
+def _bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tensor, value: torch.Tensor):
+    """QuantizedKV keys and values of a bf16 cache, quantized with the cache's own kernel."""
+    shape = (batch, KV_HEADS, length)
+    data = [torch.empty(*shape, HEAD_DIM, device="cuda", dtype=mode.storage_dtype) for _ in range(2)]
+    scales = [torch.empty(*shape, device="cuda") for _ in range(2)]
+    quantize_into_triton(key, value, torch.arange(length, device="cuda"), data[0], scales[0], data[1], scales[1], mode)
+    return tuple(QuantizedKV(d, s, 0, length, mode, DTYPE) for d, s in zip(data, scales))
+
+
+def bench_decode(batch: int, length: int) -> dict:
+    query = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
+    key = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=DTYPE)
+    value = torch.randn_like(key)
+    row = {"batch": batch, "cache_len": length,
+           "sdpa_bf16_ms": _bench(lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True))}
+    reference = F.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2).float()
+    for mode in KVQuantMode:
+        qk, qv = _quantized_cache(batch, length, mode, key, value)
+        name = "int8" if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else "fp8"
+        row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
+        out = quantized_attention(query, qk, qv).float()
+        row[f"{name}_max_error_vs_bf16"] = (out - reference).abs().max().item()
+        if mode is KVQuantMode.INT8_PER_TOKEN_HEAD:
+            row["dequant_sdpa_ms"] = _bench(lambda: F.scaled_dot_product_attention(
+                query, qk.dequantize(), qv.dequantize(), enable_gqa=True))
+            row["int8_bytes"] = sum(t.nbytes for t in (qk.data, qk.scale, qv.data, qv.scale))
+        del qk, qv
+    row["int8_tb_per_s"] = row["int8_bytes"] / row["int8_ms"] / 1e9
+    row["int8_over_sdpa"] = row["int8_ms"] / row["sdpa_bf16_ms"]
+    row["fp8_over_sdpa"] = row["fp8_ms"] / row["sdpa_bf16_ms"]
+    row["fp8_over_int8"] = row["fp8_ms"] / row["int8_ms"]
+    return row
+
+
+def bench_prefill() -> dict:
+    query = torch.randn(1, HEADS, PREFILL_TOKENS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    key = torch.randn(1, KV_HEADS, PREFILL_TOKENS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    value = torch.randn_like(key)
+    row = {"batch": 1, "tokens": PREFILL_TOKENS, "sdpa_bf16_ms": _bench(
+        lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True))}
+    for mode in KVQuantMode:
+        qk, qv = _quantized_cache(1, PREFILL_TOKENS, mode, key, value)
+        name = "int8" if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else "fp8"
+        row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
+        row[f"{name}_over_sdpa"] = row[f"{name}_ms"] / row["sdpa_bf16_ms"]
+    return row
+
+
+def bench_copy() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / _bench(lambda: dst.copy_(src)) / 1e9
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Device: {result['device']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
+        f"transformers {result['versions']['transformers']}. Copy bandwidth {result['copy_tb_per_s']:.2f} TB/s "
+        "(read + written). Times are medians of `triton.testing.do_bench`, in ms.",
+        "",
+        "Decode, 1 query token, 32 query / 8 KV heads, head_dim 128, bf16 queries:",
+        "",
+        "| batch | cache len | SDPA bf16 | dequant + SDPA | INT8 | FP8 | INT8 / SDPA | FP8 / SDPA | FP8 / INT8 | INT8 TB/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["decode"]:
+        lines.append(
+            f"| {r['batch']} | {r['cache_len']} | {r['sdpa_bf16_ms']:.3f} | {r['dequant_sdpa_ms']:.3f} | "
+            f"{r['int8_ms']:.3f} | {r['fp8_ms']:.3f} | {r['int8_over_sdpa']:.2f} | {r['fp8_over_sdpa']:.2f} | "
+            f"{r['fp8_over_int8']:.2f} | {r['int8_tb_per_s']:.2f} |")
+    p = result["prefill"]
+    lines += [
+        "",
+        f"Prefill, {p['tokens']} tokens, batch 1, causal: SDPA bf16 (flash) {p['sdpa_bf16_ms']:.3f} ms, "
+        f"INT8 {p['int8_ms']:.3f} ms ({p['int8_over_sdpa']:.2f} x), FP8 {p['fp8_ms']:.3f} ms ({p['fp8_over_sdpa']:.2f} x).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("eval/results"))
+    args = parser.parse_args()
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "copy_tb_per_s": bench_copy(),
+        "decode": [bench_decode(b, n) for b, n in DECODE_SHAPES],
+        "prefill": bench_prefill(),
+    }
+    text = markdown(result)
+    print(text)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "bench_attention.json").write_text(json.dumps(result, indent=2))
+    (args.out_dir / "bench_attention.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

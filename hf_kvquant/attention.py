@@ -1,0 +1,87 @@
+"""hf_kvquant's attention, registered with transformers under `ATTENTION_NAME` (the one place that talks to its
+registries).
+
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=hf_kvquant.ATTENTION_NAME)
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head")
+
+With the cache built from the model's config, `update` hands this function the quantized buffers
+(`QuantizedKV`) and the Triton kernel reads them directly. The mask function registered under the
+same name gives it the 2D padding mask of the visible tokens (``[batch, kv_len]``, or None): causality
+and sliding windows are computed inside the kernel, so no ``q_len x kv_len`` mask is ever built.
+
+Where the kernel cannot run, a correct plain-PyTorch path takes over, with one warning naming why:
+no CUDA (CPU users: dequantize, then the reference attention), or keys and values that are not
+`QuantizedKV` (a cache that is not ours, a cache built without ``config``, or no cache at all).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from .ops.attention import attention_reference, quantized_attention
+from .quantized_kv import ATTENTION_NAME, QuantizedKV
+
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"hf_kvquant attention: {reason}", stacklevel=3)
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """The mask hf_kvquant's attention gets: the 2D padding mask over the ``kv_length`` visible tokens, or None.
+
+    The visible tokens are the last ``kv_length`` of the sequence (a sliding-window layer sees a suffix),
+    so the slice is taken from the right, as for flash attention."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    return attention_mask[:, -kv_length:]
+
+
+def hf_kvquant_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: QuantizedKV | torch.Tensor,
+    value: QuantizedKV | torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: ``query [batch, heads, q_len, head_dim]`` in, ``([batch, q_len,
+    heads, head_dim], None)`` out. ``key``/``value`` are `QuantizedKV` from `QuantizedPerTokenHeadCache`."""
+    if dropout > 0.0:
+        raise NotImplementedError(f"hf_kvquant attention is for inference: dropout={dropout} is not supported")
+    if attention_mask is not None and attention_mask.dim() == 4:
+        # A ready-made 4D mask (custom masks): honour it exactly, through SDPA over dequantized tensors.
+        _warn_once("a 4D attention mask was given; using SDPA over dequantized keys and values")
+        key, value = (t.dequantize() if isinstance(t, QuantizedKV) else t for t in (key, value))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
+                                      sliding_window=sliding_window, **kwargs)
+    options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
+    if isinstance(key, QuantizedKV) and isinstance(value, QuantizedKV):
+        if query.is_cuda:
+            return quantized_attention(query, key, value, attention_mask, **options), None
+        _warn_once("no CUDA device: attending to dequantized keys and values in plain PyTorch (slow, same results)")
+        key, value = key.dequantize(), value.dequantize()
+    else:
+        _warn_once(
+            "keys and values are not QuantizedKV (the cache is not a QuantizedPerTokenHeadCache built with "
+            "config=model.config, or there is no cache): using plain-PyTorch attention"
+        )
+    return attention_reference(query, key, value, attention_mask, **options), None
+
+
+def register() -> None:
+    """Register the attention function and its mask function under `ATTENTION_NAME` (done on import)."""
+    AttentionInterface.register(ATTENTION_NAME, hf_kvquant_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)

@@ -1,0 +1,308 @@
+"""Attention over the quantized cache: one Triton kernel for decode and prefill, beside its reference.
+
+Queries ``[batch, heads, q_len, head_dim]`` attend to the ``kv_len`` visible tokens of a layer,
+slots ``[start, start + kv_len)`` of the cache buffers (`hf_kvquant.QuantizedKV`). Query ``i`` sits at
+visible position ``kv_len - q_len + i`` (the new tokens are the last ones) and sees key ``j`` when
+
+    j <= kv_len - q_len + i                        (causal)
+    j >  kv_len - q_len + i - sliding_window       (sliding-window layers)
+    padding_mask[b, j]                              (left-padded batches; None: no padding)
+
+Scores are ``(q . k_q[j]) * k_scale[j] * scaling``, soft-capped as ``softcap * tanh(score / softcap)``
+when asked (Gemma 2), then masked; the value scale multiplies the probabilities before ``P . V``.
+The kernel converts each int8/fp8 tile to the query's dtype in registers (exact: int8 and e4m3 values
+are representable in bf16/fp16) and never writes a dequantized copy.
+
+One program owns a block of *rows* of one (batch, KV head): row ``r`` is query ``r // group`` of query
+head ``kv_head * group + r % group``, so the query heads that share a KV head read each K/V tile once
+(GQA), decode (``q_len`` = 1: the group's heads fill the rows) and prefill (many rows) are the same
+kernel. When rows alone give too few programs to fill the GPU (decode), the visible tokens are split
+across programs as well (flash-decoding) and a second small kernel merges the partial softmaxes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quantized_kv import QuantizedKV
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# Decode: split the tokens until about this many programs per SM are in flight, each split at least this long.
+_PROGRAMS_PER_SM = 8
+_MIN_SPLIT_TOKENS = 256
+
+
+def attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch attention with the same rules, over full-precision (e.g. dequantized) ``key``/``value``
+    ``[batch, kv_heads, kv_len, head_dim]``. Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype.
+    Rows that see no key at all (padding queries) come out as zeros, as from the kernel."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    group = heads // key.shape[1]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    k = key.float().repeat_interleave(group, dim=1)
+    v = value.float().repeat_interleave(group, dim=1)
+    scores = query.float() @ k.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+    k_pos = torch.arange(kv_len, device=query.device)[None, :]
+    visible = k_pos <= q_pos
+    if sliding_window is not None:
+        visible = visible & (k_pos > q_pos - sliding_window)
+    visible = visible[None, None]
+    if padding_mask is not None:
+        visible = visible & padding_mask[:, None, None, :].bool()
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous()
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp: libdevice does not run in the Triton interpreter.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q, q_pos, lo, hi,
+    k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
+    qk_scale, softcap, window, offs_d, d_valid,
+    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
+    POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over tokens [lo, hi). Without POSITION_MASK every row sees every token of the range
+    (tiles below the causal diagonal): no causal/window compares in the hot loop."""
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_valid = cols < hi
+        tile_mask = col_valid[:, None] & d_valid[None, :]
+        # int8/fp8 -> float32 -> query dtype: exact, and the route the interpreter gets right too.
+        k = tl.load(k_ptr + kv_base + cols[:, None] * kv_st + offs_d[None, :], mask=tile_mask, other=0.0)
+        k = k.to(tl.float32).to(q.dtype)
+        k_scale = tl.load(ks_ptr + s_base + cols, mask=col_valid, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
+        if SOFTCAP:
+            scores = softcap * _tanh(scores / softcap)
+        visible = col_valid[None, :]
+        if POSITION_MASK:
+            visible = visible & (cols[None, :] <= q_pos[:, None])
+            if SLIDING:
+                visible = visible & (cols[None, :] > q_pos[:, None] - window)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + mask_base + cols, mask=col_valid, other=0)
+            visible = visible & (keep != 0)[None, :]
+        scores = tl.where(visible, scores * LOG2E, float("-inf"))  # base 2 from here on
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_scale = tl.load(vs_ptr + s_base + cols, mask=col_valid, other=0.0)
+        v = tl.load(v_ptr + kv_base + cols[:, None] * kv_st + offs_d[None, :], mask=tile_mask, other=0.0)
+        v = v.to(tl.float32).to(q.dtype)
+        p = (p * v_scale[None, :]).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, q_sb, q_sh, q_st,
+    k_ptr, v_ptr, kv_sb, kv_sh, kv_st,
+    ks_ptr, vs_ptr, s_sb, s_sh,
+    mask_ptr, mask_sb,
+    o_ptr, o_sb, o_st, o_sh,
+    part_o_ptr, part_ml_ptr,
+    kv_start, kv_len, q_len, num_kv_heads, tokens_per_split,
+    qk_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+    BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // num_kv_heads
+    kv_head = pid_bh % num_kv_heads
+    num_rows = q_len * GROUP
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    q_idx = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b * q_sb + head[:, None] * q_sh + q_idx[:, None] * q_st + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = kv_len - q_len + q_idx  # visible position of each row's query
+    first_pos = kv_len - q_len + (pid_m * BLOCK_M) // GROUP
+    last_pos = kv_len - q_len + (tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1) // GROUP
+
+    # The tokens this program reads: its split, cut by causality (and the window) of its rows.
+    lo = pid_s * tokens_per_split
+    hi = tl.minimum(tl.minimum(lo + tokens_per_split, kv_len), last_pos + 1)
+    if SLIDING:
+        lo = tl.maximum(lo, (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N)
+    bulk_end = lo  # by default every tile masks positions (window edges, or a decode step's single loop)
+    if BULK_PHASE and not SLIDING:
+        # Whole tiles at or before the first row's position are visible to every row of the block.
+        bulk_end = tl.maximum(lo, lo + (tl.minimum(hi, first_pos + 1) - lo) // BLOCK_N * BLOCK_N)
+
+    kv_base = b * kv_sb + kv_head * kv_sh + kv_start * kv_st
+    s_base = b * s_sb + kv_head * s_sh + kv_start
+    mask_base = b * mask_sb
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BULK_PHASE:
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, q_pos, lo, bulk_end,
+            k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
+            qk_scale, softcap, window, offs_d, d_valid,
+            BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, q_pos, bulk_end, hi,
+        k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
+        qk_scale, softcap, window, offs_d, d_valid,
+        BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION)
+
+    if SPLIT:
+        # Partials [batch, kv_heads, splits, rows, ...], merged by _merge_splits_kernel.
+        part = (pid_bh * tl.num_programs(2) + pid_s) * num_rows + rows
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_valid)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + b * o_sb + q_idx[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_o_ptr, part_ml_ptr, o_ptr, o_sb, o_st, o_sh,
+    num_kv_heads, num_rows, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    head = (pid_bh % num_kv_heads) * GROUP + row % GROUP
+    splits = tl.arange(0, BLOCK_S)
+    split_valid = splits < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    part = (pid_bh * num_splits + splits) * num_rows + row
+    m = tl.load(part_ml_ptr + part * 2, mask=split_valid, other=float("-inf"))
+    l = tl.load(part_ml_ptr + part * 2 + 1, mask=split_valid, other=0.0)
+    m_max = tl.max(m, axis=0)
+    weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    acc = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=split_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    total = tl.sum(l * weight, axis=0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(o_ptr + b * o_sb + (row // GROUP) * o_st + head * o_sh + offs_d, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@functools.lru_cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: any small number exercises the split path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Rows per (batch, KV head) up to which a call is a decode step: one loop over long K/V streams, split across programs.
+_DECODE_ROWS = 64
+
+
+def _block_sizes(num_rows: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep on an H100 (Llama-3-8B heads, bf16)."""
+    if num_rows <= _DECODE_ROWS:
+        block_m = max(16, triton.next_power_of_2(num_rows))
+        return block_m, (64 if head_dim > 128 else 128), 4, 3
+    return 64, (64 if head_dim > 128 else 128), 4, 2
+
+
+def quantized_attention(
+    query: torch.Tensor,
+    key: QuantizedKV,
+    value: QuantizedKV,
+    padding_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``query [batch, heads, q_len, head_dim]`` over the quantized cache (Triton).
+
+    ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the visible tokens, or None.
+    Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype, as transformers' attention functions do.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    _, kv_heads, kv_len, _ = key.shape
+    group = heads // kv_heads
+    num_rows = q_len * group
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    out = torch.empty(batch, q_len, heads, head_dim, device=query.device, dtype=query.dtype)
+    scaling = head_dim**-0.5 if scaling is None else scaling
+
+    block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, head_dim)
+    row_blocks = triton.cdiv(num_rows, block_m)
+    programs = row_blocks * batch * kv_heads
+    splits = 1
+    if programs < _PROGRAMS_PER_SM * _num_sms(query.device):
+        wanted = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(query.device), programs)
+        splits = max(1, min(wanted, kv_len // _MIN_SPLIT_TOKENS))
+    tokens_per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
+    splits = max(1, triton.cdiv(kv_len, tokens_per_split))
+
+    if splits > 1:
+        part_o = torch.empty(batch * kv_heads * splits * num_rows, head_dim, device=query.device, dtype=torch.float32)
+        part_ml = torch.empty(batch * kv_heads * splits * num_rows, 2, device=query.device, dtype=torch.float32)
+    else:
+        part_o = part_ml = out  # unused
+    if padding_mask is not None:
+        padding_mask = padding_mask.to(torch.uint8) if padding_mask.dtype == torch.bool else padding_mask
+    mask_arg = padding_mask if padding_mask is not None else out
+    dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
+
+    _attention_kernel[(row_blocks, batch * kv_heads, splits)](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        key.data, value.data, key.data.stride(0), key.data.stride(1), key.data.stride(2),
+        key.scale, value.scale, key.scale.stride(0), key.scale.stride(1),
+        mask_arg, padding_mask.stride(0) if padding_mask is not None else 0,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        part_o, part_ml,
+        key.start, kv_len, q_len, kv_heads, tokens_per_split,
+        scaling, softcap or 1.0, sliding_window or 0,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
+        SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS, DOT_PRECISION=dot_precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(num_rows, batch * kv_heads)](
+            part_o, part_ml, out, out.stride(0), out.stride(1), out.stride(2),
+            kv_heads, num_rows, splits,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
+    return out

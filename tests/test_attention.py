@@ -1,0 +1,99 @@
+"""The Triton attention kernel over the quantized cache against its reference (dequantize + plain attention).
+
+On CPU the kernel runs under TRITON_INTERPRET=1 with float32 queries (the interpreter's bf16 dot is wrong);
+on a GPU the same grid runs natively, and bf16/fp16 queries are added."""
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+from hf_kvquant import KVQuantMode, QuantizedKV
+from hf_kvquant.ops.attention import attention_reference, quantized_attention
+from hf_kvquant.ops.quantize import quantize_reference
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+QUERY_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32]
+# Kernel vs reference, relative to the largest output value: float32 differs only by summation order;
+# bf16/fp16 by the rounding of Q, of the probabilities and of the output.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=torch.float32):
+    """Random keys/values quantized into buffers with a used prefix and spare slots, as in the cache."""
+    x = torch.randn(batch, kv_heads, kv_len, head_dim) * torch.rand(batch, kv_heads, kv_len, 1) * 4
+    q, scale = quantize_reference(x, mode)
+    capacity = start + kv_len + spare
+    data = torch.full((batch, kv_heads, capacity, head_dim), 99, dtype=torch.uint8).view(mode.storage_dtype)
+    scales = torch.full((batch, kv_heads, capacity), 1e3)  # garbage outside [start, start + kv_len)
+    data.view(torch.uint8)[:, :, start : start + kv_len] = q.view(torch.uint8)
+    scales[:, :, start : start + kv_len] = scale
+    return QuantizedKV(data.to(DEVICE), scales.to(DEVICE), start, start + kv_len, mode, dtype)
+
+
+def _left_padding(batch, kv_len, pads):
+    mask = torch.ones(batch, kv_len, dtype=torch.bool)
+    for row, n in enumerate(pads[:batch]):
+        mask[row, :n] = False
+    return mask.to(DEVICE)
+
+
+def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.float32, pads=None,
+           sliding_window=None, softcap=None, scaling=None):
+    torch.manual_seed(hash((batch, heads, q_len, kv_len, head_dim)) % 2**31)
+    key = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype)
+    value = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype)
+    query = torch.randn(batch, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
+    mask = _left_padding(batch, kv_len, pads) if pads else None
+    options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
+    out = quantized_attention(query, key, value, mask, **options)
+    expected = attention_reference(query.float(), key.dequantize().float(), value.dequantize().float(), mask, **options)
+    assert out.shape == (batch, q_len, heads, head_dim) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    error = (out.float() - expected).abs().max().item()
+    assert error <= TOLERANCE[dtype] * expected.abs().max().item(), f"max error {error}"
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("dtype", QUERY_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 1)])
+def test_decode(mode, dtype, head_dim, heads, kv_heads):
+    # One query token; 600 tokens make the kernel split them across programs and merge.
+    _check(2, heads, kv_heads, 1, 600, head_dim, mode, dtype)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("dtype", QUERY_DTYPES)
+@pytest.mark.parametrize(
+    "q_len,kv_len",
+    [(1, 1), (1, 37), (4, 4), (5, 300), (33, 33), (70, 70), (40, 150)],  # prefill, continued prefill, few-token steps
+)
+def test_lengths(mode, dtype, q_len, kv_len):
+    _check(2, 4, 2, q_len, kv_len, 64, mode, dtype)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("q_len,kv_len", [(1, 300), (6, 40), (48, 48)])
+def test_left_padding(mode, q_len, kv_len):
+    # Row 0 is padded by more than some of its queries can see: those rows see nothing and come out as zeros.
+    _check(3, 4, 2, q_len, kv_len, 64, mode, pads=[0, 9, min(kv_len - 1, 30)])
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("q_len,kv_len,window", [(1, 300, 16), (40, 40, 8), (10, 90, 32), (3, 600, 512)])
+def test_sliding_window(mode, q_len, kv_len, window):
+    _check(2, 2, 1, q_len, kv_len, 256, mode, pads=[5], sliding_window=window)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("q_len,kv_len", [(1, 300), (20, 20)])
+def test_softcap_and_scaling(mode, q_len, kv_len):
+    _check(1, 4, 2, q_len, kv_len, 128, mode, softcap=5.0, scaling=0.3)
+
+
+def test_reference_zeros_rows_that_see_nothing():
+    query = torch.randn(1, 1, 2, 64)
+    key = value = torch.randn(1, 1, 2, 64)
+    out = attention_reference(query, key, value, torch.tensor([[False, True]]))
+    assert torch.equal(out[0, 0], torch.zeros(1, 64))  # query 0 sees only key 0, which is padding
+    assert torch.allclose(out[0, 1, 0], value[0, 0, 1])
