@@ -240,6 +240,8 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
                 f"crop({tokens_to_remove}): pass a negative number of tokens to remove (transformers' convention)"
             )
         count = -tokens_to_remove
+        if not self.is_initialized:  # a layer no update reached (KV sharing): nothing to remove, as in transformers
+            return
         if count > self.cumulative_length:
             raise ValueError(f"cannot remove {count} tokens from a layer holding {self.cumulative_length}")
         if self.is_sliding and self.stored - count < min(self.cumulative_length - count, self.sliding_window - 1):

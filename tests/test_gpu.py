@@ -70,3 +70,40 @@ def test_cache_on_cuda_matches_cpu_reference_in_generate(mode):
             g = getattr(gpu_layer, data)[:, :, :53].float().cpu() * getattr(gpu_layer, scale)[:, :, :53, None].cpu()
             tolerance = 0.02 if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else 0.1
             assert (c - g).abs().max() <= tolerance * c.abs().max()
+
+
+def _teacher_forced_logprobs(model, tokens, attn_implementation, mode):
+    """Prefill 40 tokens, then feed the rest one token per step, with the quantized cache in the loop."""
+    model.set_attn_implementation(attn_implementation)
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode=mode)
+    with torch.no_grad():
+        logits = [model(tokens[:, :40], cache=cache).logits]
+        for i in range(40, tokens.shape[1]):
+            logits.append(model(tokens[:, i : i + 1], cache=cache).logits)
+    return torch.cat(logits, dim=1).float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_registered_attention_matches_eager_in_the_model(mode, arch):
+    """The Triton attention inside real model code (GQA; Gemma 3's sliding window, scaling) against transformers'
+    eager attention over the same quantized cache, teacher-forced past the window."""
+    import hf_kvquant
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                             num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+        model = LlamaForCausalLM(config)
+    else:
+        config = Gemma3TextConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=16,
+                                  layer_types=["sliding_attention"] * 3 + ["full_attention"])
+        model = Gemma3ForCausalLM(config)
+    model = model.cuda().eval()
+    tokens = torch.randint(0, 256, (2, 90), device="cuda")
+    eager = _teacher_forced_logprobs(model, tokens, "eager", mode)
+    ours = _teacher_forced_logprobs(model, tokens, hf_kvquant.ATTENTION_NAME, mode)
+    kl = (eager.exp() * (eager - ours)).sum(-1)
+    assert kl.max().item() <= 5e-3, kl.max().item()
