@@ -1,0 +1,103 @@
+"""hf_kvquant's attention inside transformers: registration, the mask it receives, its fallbacks, and models run with
+``attn_implementation=ATTENTION_NAME`` against transformers' eager attention over the same quantized cache.
+
+On CPU the registered function takes its plain-PyTorch path (the Triton kernel itself is held to the reference in
+test_attention.py, and inside model code on the GPU in test_gpu.py)."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+import hf_kvquant
+from hf_kvquant import ATTENTION_NAME, KVQuantMode, QuantizedPerTokenHeadCache
+from hf_kvquant import attention as attention_module
+
+
+def test_registered_under_one_name():
+    assert ATTENTION_NAME == "hf_kvquant"
+    assert AttentionInterface._global_mapping[ATTENTION_NAME] is hf_kvquant.hf_kvquant_attention
+    assert ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[ATTENTION_NAME] is attention_module.padding_mask
+
+
+def test_padding_mask_is_the_visible_suffix_of_the_2d_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(attention_module.padding_mask(2, 1, 4, attention_mask=mask), mask[:, 2:])
+    assert attention_module.padding_mask(2, 1, 4, attention_mask=None) is None
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_one_warning_per_reason_and_fallback_on_a_cache_that_is_not_ours(monkeypatch):
+    monkeypatch.setattr(attention_module, "_warned", set())
+    model = _tiny_llama()
+    tokens = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        expected = model(tokens, cache=DynamicCache(config=model.config)).logits
+        model.set_attn_implementation(ATTENTION_NAME)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = model(tokens, cache=DynamicCache(config=model.config)).logits
+            model(tokens, cache=DynamicCache(config=model.config))
+    messages = [str(w.message) for w in caught if "hf_kvquant attention" in str(w.message)]
+    assert len(messages) == 1 and "not QuantizedKV" in messages[0]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def _logits(model, implementation, input_ids, attention_mask, mode, steps=6):
+    """Prefill a (padded) batch, then decode greedily from the eager run's tokens, with a quantized cache."""
+    model.set_attn_implementation(implementation)
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode=mode)
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, cache=cache)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            next_token = logits[-1].argmax(-1, keepdim=True)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+            logits.append(model(next_token, attention_mask=attention_mask, cache=cache).logits[:, -1])
+    return torch.stack(logits, dim=1).float()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+def test_smollm2_left_padded_batch_matches_eager(smollm2, mode):
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(["The capital of France is", "Once upon a time, in a small village near the mountains,"],
+                      return_tensors="pt", padding=True)
+    assert not batch.attention_mask.all()  # the batch really is padded
+    eager = _logits(model, "eager", batch.input_ids, batch.attention_mask, mode)
+    ours = _logits(model, ATTENTION_NAME, batch.input_ids, batch.attention_mask, mode)
+    model.set_attn_implementation("sdpa")
+    # Same math in float32: equal up to summation order (a flipped rounding in a later layer would show as more).
+    assert (ours - eager).abs().max().item() <= 1e-3 * eager.abs().max().item()
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+def test_gemma3_sliding_window_layers_match_eager_past_the_window(mode):
+    """A small random Gemma 3 (sliding window 16, head_dim 256, custom scaling) decoded token by token well past
+    its window: the registered attention equals eager attention over the same quantized cache."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=16,
+                              layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    model = Gemma3ForCausalLM(config).eval()
+    input_ids = torch.randint(0, 128, (2, 24))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # left padding in row 0
+    eager = _logits(model, "eager", input_ids, attention_mask, mode, steps=30).log_softmax(-1)
+    ours = _logits(model, ATTENTION_NAME, input_ids, attention_mask, mode, steps=30).log_softmax(-1)
+    kl = (eager.exp() * (eager - ours)).sum(-1)
+    assert kl.max().item() <= 1e-5, kl.max().item()
