@@ -39,6 +39,26 @@ def make_cache(model, mode: KVQuantMode | str | None):
     return QuantizedPerTokenHeadCache(config=model.config, mode=mode)
 
 
+def prefix_token_id(tokenizer) -> int:
+    """The token put before a text so that its first token is predicted too: BOS, else EOS (lm-eval's choice)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to put before the text")
+    return token
+
+
+def encode_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """``[prefix_token_id] + tokens(text)`` as a 1-D tensor, cut to ``max_tokens`` (prefix included) if given.
+
+    The text is tokenized without the tokenizer's own special tokens and gets exactly one prefix token, as
+    lm-eval's ``loglikelihood_rolling`` does, so both score the same token sequence (Gemma's tokenizer would add
+    its BOS anyway; SmolLM2's adds none, and its BOS then conditions the first text token).
+    """
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = torch.cat([torch.tensor([prefix_token_id(tokenizer)], dtype=ids.dtype), ids])
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
 @dataclass
 class PerplexityResult:
     mode: str

