@@ -153,7 +153,8 @@ def test_lm_eval_rolling_matches_runner(smollm2, slice_text, slice_ids, guard_re
     request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(slice_text,), idx=0)
     lm_eval_nll = -lm.loglikelihood_rolling([request], disable_tqdm=True)[0]
     runner_nll = guard_results[mode].nll_sum
-    print(f"\n{mode}: lm-eval NLL {lm_eval_nll:.6f}, runner NLL {runner_nll:.6f}, ratio - 1 = {lm_eval_nll / runner_nll - 1:.2e}")
+    print(f"\n{mode}: lm-eval NLL {lm_eval_nll:.6f}, runner NLL {runner_nll:.6f}, "
+          f"ratio - 1 = {lm_eval_nll / runner_nll - 1:.2e}")
     assert abs(lm_eval_nll / runner_nll - 1) <= MAX_PATH_DISAGREEMENT, (lm_eval_nll, runner_nll)
 
 
@@ -174,7 +175,7 @@ def test_lm_eval_wikitext_task_matches_runner(smollm2, wikitext, kvquant_lm):
     counts = [len(encode_text(tok, wikitext_detokenizer({"page": p}))) - 1 for p in pages]
     index = min((i for i, n in enumerate(counts) if n >= 500), key=lambda i: counts[i])
     n = counts[index]
-    window = next((w for w in range(256, 128, -1) if n % w == 0), None) or next(w for w in range(257, 512) if n % w == 0)
+    window = next(w for w in [*range(256, 128, -1), *range(257, 512)] if n % w == 0)
 
     results = lm_eval.simple_evaluate(
         model=kvquant_lm(INT8, max_length=window),
@@ -191,8 +192,8 @@ def test_lm_eval_wikitext_task_matches_runner(smollm2, wikitext, kvquant_lm):
     assert r.tokens == n
     words = len(re.split(r"\s+", pages[index]))  # as lm-eval's wikitext process_results counts them
     runner_word_nll = r.nll_sum / words
-    print(f"\nwikitext_local document {index} ({n} tokens, windows of {window}): lm-eval word perplexity {word_ppl:.6f}, "
-          f"runner {math.exp(runner_word_nll):.6f}")
+    print(f"\nwikitext_local document {index} ({n} tokens, windows of {window}): lm-eval word perplexity "
+          f"{word_ppl:.6f}, runner {math.exp(runner_word_nll):.6f}")
     assert abs(math.log(word_ppl) / runner_word_nll - 1) <= MAX_PATH_DISAGREEMENT, (word_ppl, runner_word_nll)
 
 
@@ -264,7 +265,8 @@ def test_cli_unknown_model(cli, capsys, tmp_path, model):
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
 def test_cli_exit_status_in_a_real_process(tmp_path):
