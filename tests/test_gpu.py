@@ -72,10 +72,10 @@ def test_cache_on_cuda_matches_cpu_reference_in_generate(mode):
             assert (c - g).abs().max() <= tolerance * c.abs().max()
 
 
-def _teacher_forced_logprobs(model, tokens, attn_implementation, mode):
+def _teacher_forced_logprobs(model, tokens, attn_implementation, mode, hadamard=False):
     """Prefill 40 tokens, then feed the rest one token per step, with the quantized cache in the loop."""
     model.set_attn_implementation(attn_implementation)
-    cache = QuantizedPerTokenHeadCache(config=model.config, mode=mode)
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode=mode, hadamard=hadamard)
     with torch.no_grad():
         logits = [model(tokens[:, :40], cache=cache).logits]
         for i in range(40, tokens.shape[1]):
@@ -85,9 +85,11 @@ def _teacher_forced_logprobs(model, tokens, attn_implementation, mode):
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_registered_attention_matches_eager_in_the_model(mode, arch):
+@pytest.mark.parametrize("hadamard", [False, True], ids=["plain", "hadamard"])
+def test_registered_attention_matches_eager_in_the_model(mode, arch, hadamard):
     """The Triton attention inside real model code (GQA; Gemma 3's sliding window, scaling) against transformers'
-    eager attention over the same quantized cache, teacher-forced past the window."""
+    eager attention over the same quantized cache, teacher-forced past the window. With ``hadamard`` the kernel reads
+    rotated K/V with a rotated query, eager the un-rotated dequantized copies."""
     import hf_kvquant
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -103,7 +105,30 @@ def test_registered_attention_matches_eager_in_the_model(mode, arch):
         model = Gemma3ForCausalLM(config)
     model = model.cuda().eval()
     tokens = torch.randint(0, 256, (2, 90), device="cuda")
-    eager = _teacher_forced_logprobs(model, tokens, "eager", mode)
-    ours = _teacher_forced_logprobs(model, tokens, hf_kvquant.ATTENTION_NAME, mode)
+    eager = _teacher_forced_logprobs(model, tokens, "eager", mode, hadamard)
+    ours = _teacher_forced_logprobs(model, tokens, hf_kvquant.ATTENTION_NAME, mode, hadamard)
     kl = (eager.exp() * (eager - ours)).sum(-1)
     assert kl.max().item() <= 5e-3, kl.max().item()
+
+
+def test_launcher_recompiles_for_every_specialisation():
+    """The fast launch path reuses a compiled kernel only for arguments Triton would specialise the same way: an
+    unaligned (offset) view, a length that is or is not a multiple of 16, and 1, each against the reference."""
+    from hf_kvquant.ops.quantize import _launch_quantize
+
+    mode, heads, head_dim = KVQuantMode.INT8_PER_TOKEN_HEAD, 2, 64
+    flat = torch.randn(2 * heads * 40 * head_dim + 3)
+    for tokens, offset in [(32, 0), (32, 0), (17, 0), (1, 0), (32, 3), (17, 1), (32, 0)]:
+        key = flat[offset : offset + 2 * heads * tokens * head_dim].view(2, heads, tokens, head_dim)
+        value = key.flip(-1)
+        slots = torch.arange(tokens)
+        expected = _buffers(2, heads, tokens, head_dim, mode, "cpu")
+        quantize_into_reference(key, value, slots, *expected, mode)
+        got = _buffers(2, heads, tokens, head_dim, mode, "cuda")
+        key_cuda = flat.cuda()[offset : offset + key.numel()].view(key.shape)  # keeps the offset, unlike key.cuda()
+        quantize_into_triton(key_cuda, key_cuda.flip(-1), slots.cuda(), *got, mode)
+        for e, g in zip(expected, got, strict=True):
+            assert torch.equal(e.view(torch.uint8) if e.dtype != torch.float32 else e,
+                               g.cpu().view(torch.uint8) if g.dtype != torch.float32 else g.cpu()), (tokens, offset)
+    # Distinct specialisations were compiled separately (aligned/unaligned, multiple of 16 or not, 1).
+    assert len(_launch_quantize._compiled) >= 4

@@ -29,8 +29,10 @@ import triton
 import triton.language as tl
 
 from ..quantized_kv import QuantizedKV
+from .launch import Launcher
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+_LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
 # Decode: split the tokens until about this many programs per SM are in flight, each split at least this long.
 _PROGRAMS_PER_SM = 8
 _MIN_SPLIT_TOKENS = 256
@@ -89,13 +91,14 @@ def _attend_tiles(
         cols = start + tl.arange(0, BLOCK_N)
         col_valid = cols < hi
         tile_mask = col_valid[:, None] & d_valid[None, :]
-        # int8/fp8 -> float32 -> query dtype: exact, and the route the interpreter gets right too.
+        # int8/fp8 -> float32 -> query dtype: exact; faster than a direct fp8 -> bf16 cast on an H100
+        # (measured), and the route the interpreter gets right too.
         k = tl.load(k_ptr + kv_base + cols[:, None] * kv_st + offs_d[None, :], mask=tile_mask, other=0.0)
         k = k.to(tl.float32).to(q.dtype)
         k_scale = tl.load(ks_ptr + s_base + cols, mask=col_valid, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
         if SOFTCAP:
-            scores = softcap * _tanh(scores / softcap)
+            scores = softcap * _tanh(scores / softcap) * LOG2E
         visible = col_valid[None, :]
         if POSITION_MASK:
             visible = visible & (cols[None, :] <= q_pos[:, None])
@@ -104,7 +107,7 @@ def _attend_tiles(
         if HAS_MASK:
             keep = tl.load(mask_ptr + mask_base + cols, mask=col_valid, other=0)
             visible = visible & (keep != 0)[None, :]
-        scores = tl.where(visible, scores * LOG2E, float("-inf"))  # base 2 from here on
+        scores = tl.where(visible, scores, float("-inf"))  # base 2 from here on (LOG2E is in qk_scale or above)
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         p = tl.exp2(scores - m_safe[:, None])
@@ -137,7 +140,7 @@ def _attention_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
-    b = pid_bh // num_kv_heads
+    b = (pid_bh // num_kv_heads).to(tl.int64)  # b * batch stride passes 2**31 in large caches
     kv_head = pid_bh % num_kv_heads
     num_rows = q_len * GROUP
 
@@ -202,7 +205,7 @@ def _merge_splits_kernel(
 ):
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_kv_heads
+    b = (pid_bh // num_kv_heads).to(tl.int64)  # b * batch stride passes 2**31 in large caches
     head = (pid_bh % num_kv_heads) * GROUP + row % GROUP
     splits = tl.arange(0, BLOCK_S)
     split_valid = splits < num_splits
@@ -220,6 +223,18 @@ def _merge_splits_kernel(
              mask=offs_d < HEAD_DIM)
 
 
+_launch_attention = Launcher(_attention_kernel)
+_launch_merge = Launcher(_merge_splits_kernel)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -231,10 +246,11 @@ def _num_sms(device: torch.device) -> int:
 _DECODE_ROWS = 64
 
 
+@functools.lru_cache
 def _block_sizes(num_rows: int, head_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep on an H100 (Llama-3-8B heads, bf16)."""
     if num_rows <= _DECODE_ROWS:
-        block_m = max(16, triton.next_power_of_2(num_rows))
+        block_m = max(16, _next_power_of_2(num_rows))
         return block_m, (64 if head_dim > 128 else 128), 4, 3
     return 64, (64 if head_dim > 128 else 128), 4, 2
 
@@ -252,57 +268,65 @@ def quantized_attention(
 
     ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the visible tokens, or None.
     Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype, as transformers' attention functions do.
+
+    Host work is kept to a few microseconds besides the launches (`Launcher`, plain integer arithmetic): in eager
+    decoding the host, not the GPU, sets the pace at small batches.
     """
     batch, heads, q_len, head_dim = query.shape
-    _, kv_heads, kv_len, _ = key.shape
+    kv_heads = key.data.shape[1]
+    kv_len = key.end - key.start
     group = heads // kv_heads
     num_rows = q_len * group
     if query.stride(-1) != 1:
         query = query.contiguous()
-    out = torch.empty(batch, q_len, heads, head_dim, device=query.device, dtype=query.dtype)
+    device = query.device
+    out = torch.empty(batch, q_len, heads, head_dim, device=device, dtype=query.dtype)
     scaling = head_dim**-0.5 if scaling is None else scaling
 
     block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, head_dim)
-    row_blocks = triton.cdiv(num_rows, block_m)
+    row_blocks = _cdiv(num_rows, block_m)
     programs = row_blocks * batch * kv_heads
+    wanted_programs = _PROGRAMS_PER_SM * _num_sms(device)
     splits = 1
-    if programs < _PROGRAMS_PER_SM * _num_sms(query.device):
-        wanted = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(query.device), programs)
-        splits = max(1, min(wanted, kv_len // _MIN_SPLIT_TOKENS))
-    tokens_per_split = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
-    splits = max(1, triton.cdiv(kv_len, tokens_per_split))
+    if programs < wanted_programs:
+        splits = max(1, min(_cdiv(wanted_programs, programs), kv_len // _MIN_SPLIT_TOKENS))
+    tokens_per_split = _cdiv(_cdiv(kv_len, splits), block_n) * block_n
+    splits = max(1, _cdiv(kv_len, tokens_per_split))
 
     if splits > 1:
-        part_o = torch.empty(batch * kv_heads * splits * num_rows, head_dim, device=query.device, dtype=torch.float32)
-        part_ml = torch.empty(batch * kv_heads * splits * num_rows, 2, device=query.device, dtype=torch.float32)
+        partials = batch * kv_heads * splits * num_rows
+        part_o = torch.empty(partials, head_dim, device=device, dtype=torch.float32)
+        part_ml = torch.empty(partials, 2, device=device, dtype=torch.float32)
     else:
         part_o = part_ml = out  # unused
-    if padding_mask is not None:
-        padding_mask = padding_mask.to(torch.uint8) if padding_mask.dtype == torch.bool else padding_mask
-    mask_arg = padding_mask if padding_mask is not None else out
-    dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    if padding_mask is not None and padding_mask.dtype == torch.bool:
+        padding_mask = padding_mask.view(torch.uint8)  # same bytes, a pointer type Triton loads
 
-    _attention_kernel[(row_blocks, batch * kv_heads, splits)](
-        query, query.stride(0), query.stride(1), query.stride(2),
-        key.data, value.data, key.data.stride(0), key.data.stride(1), key.data.stride(2),
-        key.scale, value.scale, key.scale.stride(0), key.scale.stride(1),
-        mask_arg, padding_mask.stride(0) if padding_mask is not None else 0,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        part_o, part_ml,
-        key.start, kv_len, q_len, kv_heads, tokens_per_split,
-        scaling, softcap or 1.0, sliding_window or 0,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
-        SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS, DOT_PRECISION=dot_precision,
+    _launch_attention(
+        (row_blocks, batch * kv_heads, splits),
+        (
+            query, query.stride(0), query.stride(1), query.stride(2),
+            key.data, value.data, key.data.stride(0), key.data.stride(1), key.data.stride(2),
+            key.scale, value.scale, key.scale.stride(0), key.scale.stride(1),
+            out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),
+            out, out.stride(0), out.stride(1), out.stride(2),
+            part_o, part_ml,
+            key.start, kv_len, q_len, kv_heads, tokens_per_split,
+            scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
+        ),
+        dict(
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
+            SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        ),
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(num_rows, batch * kv_heads)](
-            part_o, part_ml, out, out.stride(0), out.stride(1), out.stride(2),
-            kv_heads, num_rows, splits,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_S=triton.next_power_of_2(splits),
+        _launch_merge(
+            (num_rows, batch * kv_heads),
+            (part_o, part_ml, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, num_rows, splits),
+            dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_next_power_of_2(head_dim), BLOCK_S=_next_power_of_2(splits)),
             num_warps=4,
         )
     return out

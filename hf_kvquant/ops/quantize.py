@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..modes import SCALE_FLOOR, KVQuantMode
+from .launch import Launcher
 
 # Elements of one token-head tile per program: enough work to hide latency, few registers.
 _TILE_ELEMENTS = 4096
@@ -133,7 +134,7 @@ def _quantize_kv_kernel(
     # One program: BLOCK_T new tokens of one (batch, kv-head), keys and values.
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
+    b = (pid_bh // num_heads).to(tl.int64)  # b * batch stride passes 2**31 in large caches
     h = pid_bh % num_heads
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -144,6 +145,9 @@ def _quantize_kv_kernel(
                    b, h, tokens, slots, offs_d, token_mask, mask, QMAX, IS_FP8, INTERPRETED)
     _quantize_tile(v_ptr, v_sb, v_sh, v_st, vd_ptr, d_sb, d_sh, d_st, vs_ptr, s_sb, s_sh,
                    b, h, tokens, slots, offs_d, token_mask, mask, QMAX, IS_FP8, INTERPRETED)
+
+
+_launch_quantize = Launcher(_quantize_kv_kernel)
 
 
 def quantize_into_triton(
@@ -170,18 +174,22 @@ def quantize_into_triton(
     is_fp8 = mode is KVQuantMode.FP8_PER_TOKEN_HEAD
     # FP8 bytes are computed as integers (see module docstring) and stored through a uint8 view.
     kd, vd = (key_data.view(torch.uint8), value_data.view(torch.uint8)) if is_fp8 else (key_data, value_data)
-    block_d = triton.next_power_of_2(head_dim)
-    block_t = min(max(_TILE_ELEMENTS // block_d, 1), triton.next_power_of_2(num_tokens))
-    grid = (triton.cdiv(num_tokens, block_t), batch * num_heads)
-    _quantize_kv_kernel[grid](
-        key, key.stride(0), key.stride(1), key.stride(2),
-        value, value.stride(0), value.stride(1), value.stride(2),
-        slots,
-        kd, vd, kd.stride(0), kd.stride(1), kd.stride(2),
-        key_scale, value_scale, key_scale.stride(0), key_scale.stride(1),
-        num_heads, num_tokens,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
-        QMAX=mode.qmax, IS_FP8=is_fp8, INTERPRETED=_INTERPRETED,
+    # Plain integer arithmetic: triton.next_power_of_2/cdiv cost microseconds of host time per call, per layer.
+    block_d = 1 << (head_dim - 1).bit_length()
+    block_t = min(max(_TILE_ELEMENTS // block_d, 1), 1 << (num_tokens - 1).bit_length())
+    grid = (-(-num_tokens // block_t), batch * num_heads)
+    _launch_quantize(
+        grid,
+        (
+            key, key.stride(0), key.stride(1), key.stride(2),
+            value, value.stride(0), value.stride(1), value.stride(2),
+            slots,
+            kd, vd, kd.stride(0), kd.stride(1), kd.stride(2),
+            key_scale, value_scale, key_scale.stride(0), key_scale.stride(1),
+            num_heads, num_tokens,
+        ),
+        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, QMAX=mode.qmax, IS_FP8=is_fp8,
+             INTERPRETED=_INTERPRETED),
         num_warps=_NUM_WARPS,
     )
 
