@@ -1,0 +1,153 @@
+"""eval/bench_generate.py, the end-to-end generation benchmark, through its CPU smoke path (``--device cpu --tiny``):
+the same code as the GPU run on a 2-layer model, one short row, every cache, and the memory-budget search.
+
+The GPU figures themselves come from running the script on an H100 (see `eval/results/bench_generate.md`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_QUANTO = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
+BATCH, PROMPT, STEPS, REPEATS, WARMUP_STEPS = 2, 256, 2, 2, 2
+SEARCH_CONTEXT = 128
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("eval_bench_generate", REPO / "eval" / "bench_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load()
+
+
+@pytest.fixture(scope="module")
+def run(bench, tmp_path_factory):
+    """(result, out_dir) of one smoke run."""
+    out = tmp_path_factory.mktemp("bench_generate")
+    result = bench.main([
+        "--device", "cpu", "--tiny", "--rows", f"tiny:{BATCH}x{PROMPT}", "--steps", str(STEPS),
+        "--repeats", str(REPEATS), "--warmup-steps", str(WARMUP_STEPS), "--search-context", str(SEARCH_CONTEXT),
+        "--search-granularity", "4", "--no-progress", "--out-dir", str(out),
+    ])
+    return result, out
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_every_cache_runs_and_reports_positive_finite_numbers(bench, run):
+    result, _ = run
+    assert result["complete"]
+    (row,) = result["rows"]
+    assert (row["shape"], row["batch"], row["prompt"]) == ("tiny", BATCH, PROMPT)
+    expected = [key for key in bench.CACHES if HAS_QUANTO or key != "hf_quanto_int4"]
+    assert list(row["caches"]) == expected
+    for key, entry in row["caches"].items():
+        assert "error" not in entry, (key, entry.get("error"))
+        for field in ("prefill_ms", "decode_tok_s", "ms_per_step_wall", "kv_bytes"):
+            assert _positive(entry[field]), (key, field, entry[field])
+        assert len(entry["ms_per_step_wall_all"]) == REPEATS
+        assert entry["decode_tok_s"] == pytest.approx(BATCH / (entry["ms_per_step_wall"] / 1e3))
+        # The loop ran exactly the steps it says: prompt, warm-up steps, timed steps (the profiled ones come after).
+        assert entry["kv_tokens"] == PROMPT + WARMUP_STEPS + STEPS * REPEATS
+        assert entry["gpu_ms_per_step"] is None and entry["peak_decode_kv_bytes"] is None  # no GPU here
+        assert entry["top_cpu_ops"], key  # the profiler ran and was parsed
+
+
+def test_quantized_caches_hold_fewer_bytes_than_dynamic_cache(run):
+    caches = run[0]["rows"][0]["caches"]
+    dynamic = caches["dynamic"]["kv_bytes"]
+    for key in ("hf_fp8", "int8", "fp8") + (("hf_quanto_int4",) if HAS_QUANTO else ()):
+        assert caches[key]["kv_bytes"] < dynamic, key
+    # INT8 per token-head: 1 byte + 4/64 of a scale per value against 2, plus buffer slack at this short length.
+    assert caches["int8"]["kv_bytes"] < 0.7 * dynamic
+
+
+def test_quanto_int4_cache(run):
+    if not HAS_QUANTO:
+        assert "optimum-quanto" in run[0]["skipped"]["hf_quanto_int4"]
+        pytest.skip("optimum-quanto is not installed: the benchmark skips its QuantizedCache and says so")
+    entry = run[0]["rows"][0]["caches"]["hf_quanto_int4"]
+    assert entry["kv_bytes"] < 0.4 * run[0]["rows"][0]["caches"]["dynamic"]["kv_bytes"]  # 4 bits + the residual
+    assert "plain-PyTorch unpack" in run[0]["quanto"]  # nothing was JIT-compiled
+
+
+def test_budget_search_finds_more_room_for_the_quantized_caches(bench, run):
+    (search,) = run[0]["search"]
+    assert search["context"] == SEARCH_CONTEXT and list(search["caches"]) == list(bench.SEARCH_CACHES)
+    for key, entry in search["caches"].items():
+        assert "error" not in entry, (key, entry.get("error"))
+        for field in ("max_batch", "max_context"):
+            answer, attempts = entry[field], entry[field.replace("max", "").strip("_") + "_attempts"]
+            assert answer >= 1
+            assert [answer, True] in attempts and any(n > answer and not ok for n, ok in attempts)
+            assert all(ok for n, ok in attempts if n <= answer), (key, field, attempts)
+    dynamic, int8 = search["caches"]["dynamic"], search["caches"]["int8"]
+    assert int8["max_batch"] > dynamic["max_batch"] and int8["max_context"] > dynamic["max_context"]
+
+
+def test_files_are_written(bench, run):
+    result, out = run
+    saved = json.loads((out / "bench_generate.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert saved["targets"] and all({"target", "where", "value", "met"} <= set(t) for t in saved["targets"])
+    text = (out / "bench_generate.md").read_text()
+    assert "## Headline" in text and "## Memory budget" in text and "## Targets" in text
+    for key in result["rows"][0]["caches"]:
+        assert f"| {bench.CACHES[key][0]} |" in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "bench_generate.png").stat().st_size > 10_000
+
+
+def test_replot_rewrites_the_outputs_from_the_json(bench, run):
+    _, out = run
+    (out / "bench_generate.md").unlink()
+    bench.main(["--replot", "--out-dir", str(out)])
+    assert "## Headline" in (out / "bench_generate.md").read_text()
+
+
+def test_largest_fitting_doubles_then_bisects(bench):
+    class Counter:
+        def update(self):
+            pass
+
+    answer, attempts, capped = bench.largest_fitting(lambda n: n <= 37, 1, 1, 1000, 1 << 20, Counter())
+    assert (answer, capped) == (37, False)
+    assert [n for n, _ in attempts][:7] == [1, 2, 4, 8, 16, 32, 64]
+    answer, _, capped = bench.largest_fitting(lambda n: n <= 3000, 256, 256, 1000, 1 << 20, Counter())
+    assert (answer, capped) == (2816, False)  # the largest multiple of the quantum that fits
+    answer, _, capped = bench.largest_fitting(lambda n: True, 1, 1, 32, 100, Counter())
+    assert (answer, capped) == (100, True)
+    assert bench.largest_fitting(lambda n: False, 1, 1, 32, 100, Counter())[0] == 0
+
+
+def test_a_silent_fallback_is_caught(bench):
+    """A hf_kvquant cache built without the model's config hands attention dequantized tensors: the call counter the
+    benchmark checks at warm-up sees it."""
+    from hf_kvquant import QuantizedPerTokenHeadCache
+
+    model = bench.build_model(bench.SHAPES["tiny"], torch.device("cpu"), torch.float32)
+    model.set_attn_implementation(bench.ATTENTION_NAME)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with torch.inference_mode():
+        with bench.count_hf_kvquant_calls() as calls:
+            bench.prefill(model, QuantizedPerTokenHeadCache(mode="int8_per_token_head"), ids)
+        assert calls == {"calls": 2, "quantized": 0}
+        with bench.count_hf_kvquant_calls() as calls:
+            bench.prefill(model, bench.make_cache("int8", model), ids)
+        assert calls == {"calls": 2, "quantized": 2}
