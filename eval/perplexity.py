@@ -1,14 +1,16 @@
 """Perplexity with the KV cache in the loop: unquantized vs INT8 vs FP8 per-token-head caches, on one text.
 
     python eval/perplexity.py [--model smollm2] [--text wikitext|PATH|hf:DATASET[:CONFIG[:SPLIT]]]
-        [--context-length 1024] [--stride N] [--max-tokens N] [--modes unquantized,int8,fp8]
+        [--context-length 1024] [--stride N] [--max-tokens N] [--modes unquantized,int8,fp8,int8+hadamard,...]
         [--dtype float32] [--device cpu] [--out-dir eval/results] [--name NAME] [--no-progress]
 
 The text (default: the local WikiText-2 raw test file, else the hub dataset) is tokenized once, with one
 BOS token in front (EOS where the tokenizer has no BOS, as lm-eval does), and cut to ``--max-tokens``. It
 is scored in windows of ``--context-length`` tokens moved by ``--stride`` (default: disjoint windows);
 every window is one forward pass through a fresh cache of the mode, so each token attends to the
-quantized keys and values of its window (`hf_kvquant.evaluation.perplexity`). Prints a table and writes
+quantized keys and values of its window (`hf_kvquant.evaluation.perplexity`). A quantized mode with
+``+hadamard`` (``int8_per_token_head+hadamard``, short ``int8+hadamard``) is the same cache built with
+``hadamard=True``. Prints a table and writes
 ``NAME.json`` and ``NAME.md`` (default NAME: ``perplexity_<model>``) into ``--out-dir``.
 
 lm-eval's ``loglikelihood_rolling`` with ``max_length=L`` (``python -m hf_kvquant.lm_eval_model``) scores the
@@ -34,11 +36,11 @@ import torch
 import transformers
 
 from hf_kvquant.data import WIKITEXT, load_text
-from hf_kvquant.evaluation import ALL_MODES, UNQUANTIZED, encode_text, parse_mode, perplexity
+from hf_kvquant.evaluation import ACCEPTED_MODES, ALL_MODES, UNQUANTIZED, encode_text, parse_mode, perplexity
 from hf_kvquant.models import DEFAULT_MODEL, PACKAGED_MODELS, load_model
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
-# Short names accepted on the command line, besides the full ones.
+# Short names accepted on the command line, besides the full ones (also before "+hadamard").
 MODE_ALIASES = {"none": UNQUANTIZED, "int8": "int8_per_token_head", "fp8": "fp8_per_token_head"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,17 +53,18 @@ def parse_modes(spec: str) -> list[str]:
     """Comma-separated mode names (full or short) -> full names, unquantized first (the reference)."""
     modes = []
     for name in (s.strip() for s in spec.split(",") if s.strip()):
-        name = MODE_ALIASES.get(name, name)
+        base, plus, rest = name.partition("+")
+        name = MODE_ALIASES.get(base, base) + plus + rest
         try:
             parse_mode(name)
         except ValueError:
-            accepted = ", ".join([*ALL_MODES, *MODE_ALIASES])
+            accepted = ", ".join([*ACCEPTED_MODES, *MODE_ALIASES])
             raise CliError(f"unknown mode {name!r}; accepted: {accepted}") from None
         if name not in modes:
             modes.append(name)
     if not modes:
         raise CliError("no modes given")
-    return sorted(modes, key=ALL_MODES.index)
+    return sorted(modes, key=ACCEPTED_MODES.index)
 
 
 def _load(model: str, dtype: torch.dtype, device: str):
@@ -114,7 +117,7 @@ def _table(report: dict) -> str:
         rel = "-" if r["relative_increase"] is None else f"{100 * r['relative_increase']:+.4f} %"
         rows.append((r["mode"], str(r["tokens"]), f"{r['perplexity']:.4f}", rel))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="use the first N tokens of the text, prefix token included (default: all)")
     parser.add_argument("--modes", default=",".join(ALL_MODES),
-                        help=f"comma-separated, from: {', '.join([*ALL_MODES, *MODE_ALIASES])}")
+                        help=f"comma-separated, from: {', '.join([*ACCEPTED_MODES, *MODE_ALIASES])} "
+                             "(short names take +hadamard too)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model weights and activations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
@@ -141,8 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    """Everything but the printing: checks the arguments (modes, text) before the slow model load."""
+def run(args: argparse.Namespace, argv: list[str], save=None) -> dict:
+    """Everything but the printing: checks the arguments (modes, text) before the slow model load, then scores the
+    modes in turn, calling ``save(report)`` after each one (a long run that is stopped keeps the modes it finished)."""
     modes = parse_modes(args.modes)
     if args.context_length < 2:
         raise CliError(f"--context-length must be at least 2; got {args.context_length}")
@@ -160,44 +165,53 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     ids = encode_text(tokenizer, text, args.max_tokens)
     if ids.numel() < 2:
         raise CliError(f"the text has {ids.numel()} token(s); at least 2 are needed")
-    results, reference = [], None
+    report = {
+        "model": args.model,
+        "text": {"source": text_source, "characters": len(text), "tokens": ids.numel()},
+        "settings": {"context_length": args.context_length, "stride": stride, "max_tokens": args.max_tokens,
+                     "dtype": args.dtype, "device": args.device, "prefix_token_id": int(ids[0]),
+                     "torch_threads": torch.get_num_threads()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "command": shlex.join(["python", "eval/perplexity.py", *argv]),
+        "results": [],
+    }
+    reference = None
     for mode in modes:
         start = time.perf_counter()
         r = perplexity(model, ids, mode, context_length=args.context_length, stride=stride,
                        progress=not args.no_progress)
         seconds = time.perf_counter() - start
         reference = r if mode == UNQUANTIZED else reference
-        results.append({
+        report["results"].append({
             "mode": r.mode, "tokens": r.tokens, "nll_sum": r.nll_sum, "nll": r.nll, "perplexity": r.perplexity,
-            "relative_increase": None if reference is None or r is reference else r.perplexity / reference.perplexity - 1,
+            "relative_increase": (
+                None if reference is None or r is reference else r.perplexity / reference.perplexity - 1
+            ),
             "seconds": seconds,
         })
         print(f"{r.mode}: perplexity {r.perplexity:.4f} over {r.tokens} tokens ({seconds:.0f} s)", file=sys.stderr)
-    return {
-        "model": args.model,
-        "text": {"source": text_source, "characters": len(text), "tokens": ids.numel()},
-        "settings": {"context_length": args.context_length, "stride": stride, "max_tokens": args.max_tokens,
-                     "dtype": args.dtype, "device": args.device, "prefix_token_id": int(ids[0])},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "command": shlex.join(["python", "eval/perplexity.py", *argv]),
-        "results": results,
-    }
+        if save is not None:
+            save(report)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    stem = args.out_dir / (args.name or f"perplexity_{_slug(args.model)}")
+
+    def save(report: dict) -> None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        Path(f"{stem}.md").write_text(_markdown(report))
+
     try:
-        report = run(args, argv)
+        report = run(args, argv, save)
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(_table(report))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / (args.name or f"perplexity_{_slug(args.model)}")
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(_markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

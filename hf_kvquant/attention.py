@@ -12,6 +12,10 @@ and sliding windows are computed inside the kernel, so no ``q_len x kv_len`` mas
 Where the kernel cannot run, a correct plain-PyTorch path takes over, with one warning naming why:
 no CUDA (CPU users: dequantize, then the reference attention), or keys and values that are not
 `QuantizedKV` (a cache that is not ours, a cache built without ``config``, or no cache at all).
+
+A cache built with ``hadamard=True`` hands over buffers of rotated keys and values (``QuantizedKV.rotation`` is
+``R``): the kernel then attends with the rotated query ``q @ R`` and its output is un-rotated (``@ R.T``), which is
+exact since ``R`` is orthogonal (`hf_kvquant.rotation`). The plain-PyTorch paths dequantize, which un-rotates.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .ops.attention import attention_reference, quantized_attention
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
+from .rotation import rotate, unrotate
 
 _warned: set[str] = set()
 
@@ -43,6 +48,24 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
     return attention_mask[:, -kv_length:]
+
+
+def attend_quantized(
+    query: torch.Tensor,
+    key: QuantizedKV,
+    value: QuantizedKV,
+    padding_mask: torch.Tensor | None,
+    **options,
+) -> torch.Tensor:
+    """The Triton kernel over the cache buffers, ``[batch, q_len, heads, head_dim]`` in the query's dtype.
+
+    With a rotated cache the query is rotated by the keys' rotation and the output un-rotated by the values', both
+    in float32 and rounded once to the query's dtype (the kernel computes in the query's dtype).
+    """
+    if key.rotation is not None:
+        query = rotate(query, key.rotation).to(query.dtype)
+    out = quantized_attention(query, key, value, padding_mask, **options)
+    return out if value.rotation is None else unrotate(out, value.rotation).to(out.dtype)
 
 
 def hf_kvquant_attention(
@@ -70,7 +93,7 @@ def hf_kvquant_attention(
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
     if isinstance(key, QuantizedKV) and isinstance(value, QuantizedKV):
         if query.is_cuda:
-            return quantized_attention(query, key, value, attention_mask, **options), None
+            return attend_quantized(query, key, value, attention_mask, **options), None
         _warn_once("no CUDA device: attending to dequantized keys and values in plain PyTorch (slow, same results)")
         key, value = key.dequantize(), value.dequantize()
     else:

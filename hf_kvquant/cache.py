@@ -6,6 +6,10 @@ full-precision copy of the past. Slots ``[0, stored)`` hold the latest ``stored`
 order. Capacity grows in steps of a small fraction of the length (never per decode step, never by
 doubling, so the memory held stays close to the memory used), or is fixed up front by
 ``max_cache_len``. What `update` hands to attention is described in `hf_kvquant.quantized_kv`.
+
+With ``hadamard=True`` the new keys and values are rotated by the orthogonal Hadamard matrix of
+`hf_kvquant.rotation` before they are quantized (fewer outliers per token-head, so a finer scale); the
+buffers then hold rotated values, and everything handed out un-rotates them or says how to.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, get_lay
 from .modes import KVQuantMode
 from .ops.quantize import quantize_into
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
+from .rotation import hadamard_matrix, rotate
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The head dims hf_kvquant's attention kernels are built for.
@@ -53,6 +58,12 @@ def _slot_range(device: torch.device, start: int, count: int) -> torch.Tensor:
     return ramp[start : start + count]
 
 
+def _check_hadamard(hadamard) -> bool:
+    if not isinstance(hadamard, bool):
+        raise ValueError(f"hadamard must be True or False; got {hadamard!r}")
+    return hadamard
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     # Index ops on float8 are missing on CPU; the bytes are what moves anyway.
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
@@ -64,14 +75,23 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
     A sliding-window layer hands attention the last ``sliding_window - 1`` cached tokens plus the new
     ones, as transformers' `DynamicSlidingWindowLayer` does, and drops older tokens lazily: only when
     the buffer is full does it move the tokens still needed to the front (once per ~64 steps).
+
+    With ``hadamard=True`` it stores ``quantize(x @ R)`` (`hf_kvquant.rotation`) and hands ``R`` over with the buffers.
     """
 
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, mode: KVQuantMode | str, sliding_window: int | None = None, max_cache_len: int | None = None):
+    def __init__(
+        self,
+        mode: KVQuantMode | str,
+        sliding_window: int | None = None,
+        max_cache_len: int | None = None,
+        hadamard: bool = False,
+    ):
         super().__init__()
         self.mode = KVQuantMode.parse(mode)
+        self.hadamard = _check_hadamard(hadamard)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.max_cache_len = max_cache_len
@@ -83,7 +103,9 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         window = f", sliding_window={self.sliding_window}" if self.is_sliding else ""
-        return f"{type(self).__name__}({self.mode.value}{window}, tokens={self.stored}, capacity={self.capacity})"
+        rotation = ", hadamard=True" if self.hadamard else ""
+        return (f"{type(self).__name__}({self.mode.value}{window}{rotation}, tokens={self.stored}, "
+                f"capacity={self.capacity})")
 
     # -- buffers -------------------------------------------------------------------------------------------
 
@@ -97,8 +119,17 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes this layer holds on its device: allocated capacity, scales included."""
+        """Bytes this layer holds on its device: allocated capacity, scales included (the Hadamard matrix of a
+        ``hadamard=True`` layer is shared by all layers and caches and not counted)."""
         return sum(t.nbytes for t in self.buffers)
+
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        """``R [head_dim, head_dim]`` float32 that keys and values are rotated by before quantizing, or None
+        (``hadamard=False``, or nothing stored yet). Looked up, not held: copies of the layer share it."""
+        if not self.hadamard or self.key_data is None:
+            return None
+        return hadamard_matrix(self.key_data.shape[-1], self.device)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -200,7 +231,8 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         past_visible = min(self.cumulative_length, self.sliding_window - 1) if self.is_sliding else self.stored
         self._reserve(count)
         slots = _slot_range(self.device, self.stored, count)
-        quantize_into(key_states, value_states, slots, *self.buffers, self.mode)
+        rotation = self.rotation
+        quantize_into(rotate(key_states, rotation), rotate(value_states, rotation), slots, *self.buffers, self.mode)
         self.stored += count
         self.cumulative_length += count
         keys, values = self._view(self.stored - past_visible - count, self.stored)
@@ -209,9 +241,10 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         return keys, values
 
     def _view(self, start: int, end: int) -> tuple[QuantizedKV, QuantizedKV]:
+        rotation = self.rotation
         return (
-            QuantizedKV(self.key_data, self.key_scale, start, end, self.mode, self.dtype),
-            QuantizedKV(self.value_data, self.value_scale, start, end, self.mode, self.dtype),
+            QuantizedKV(self.key_data, self.key_scale, start, end, self.mode, self.dtype, rotation),
+            QuantizedKV(self.value_data, self.value_scale, start, end, self.mode, self.dtype, rotation),
         )
 
     def get_seq_length(self) -> int:
@@ -296,6 +329,14 @@ class QuantizedPerTokenHeadCache(Cache):
         mode: ``"int8_per_token_head"``, ``"fp8_per_token_head"`` or a `KVQuantMode`.
         max_cache_len: preallocate every full-attention layer for this many tokens (no growth at all; more
             tokens raise a `ValueError`). Without it, buffers grow in small steps as tokens arrive.
+        hadamard: rotate keys and values by a normalised Hadamard matrix of head_dim before quantizing
+            (`hf_kvquant.rotation`). Spreads outlier channels over the whole head, so the per-token-head scale
+            resolves the rest more finely: on Gemma-3-270M it cuts INT8's perplexity cost from +0.95 % to +0.13 %
+            (FP8, whose error is relative to each value, gains less: +1.02 % to +0.98 %).
+            Costs a few small matmuls per layer and step (the new keys/values, and in hf_kvquant's attention the
+            queries and the output), no memory per token. Attention results are the same up to quantization; what
+            `update` returns is un-rotated (`QuantizedKV.dequantize`, or plain tensors) unless the consumer reads
+            the raw buffers (hf_kvquant's attention, which rotates its queries).
 
     Example::
 
@@ -309,13 +350,17 @@ class QuantizedPerTokenHeadCache(Cache):
         config=None,
         mode: KVQuantMode | str = KVQuantMode.INT8_PER_TOKEN_HEAD,
         max_cache_len: int | None = None,
+        hadamard: bool = False,
     ):
         self.mode = KVQuantMode.parse(mode)
+        self.hadamard = _check_hadamard(hadamard)
         if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len <= 0):
             raise ValueError(f"max_cache_len must be a positive int or None; got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
         self.config = None if config is None else config.get_text_config(decoder=True)
-        new_layer = functools.partial(QuantizedPerTokenHeadLayer, self.mode, max_cache_len=max_cache_len)
+        new_layer = functools.partial(
+            QuantizedPerTokenHeadLayer, self.mode, max_cache_len=max_cache_len, hadamard=self.hadamard
+        )
         if self.config is None:
             super().__init__(layer_class_to_replicate=new_layer)
             return
@@ -336,7 +381,9 @@ class QuantizedPerTokenHeadCache(Cache):
         super().__init__(layers=layers)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mode={self.mode.value!r}, layers={len(self.layers)}, nbytes={self.nbytes})"
+        rotation = ", hadamard=True" if self.hadamard else ""
+        return (f"{type(self).__name__}(mode={self.mode.value!r}{rotation}, layers={len(self.layers)}, "
+                f"nbytes={self.nbytes})")
 
     def __deepcopy__(self, memo):
         # The config is shared, not copied: it belongs to the model, whose attention choice it reflects.

