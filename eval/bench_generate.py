@@ -2,6 +2,8 @@
 
 Caches, each with the attention it is meant for:
 - ``dynamic``: transformers' `DynamicCache` + ``sdpa`` (the default);
+- ``dynamic_no_cudnn``: the same with PyTorch's cuDNN SDPA backend switched off (on torch 2.11 + H100 the
+  default picks cuDNN, whose host time per call dominates small decode steps; the targets compare with ``dynamic``);
 - ``hf_fp8``: transformers' `QuantizedCache(backend="fp8")` + ``sdpa`` (one frozen per-tensor scale);
 - ``hf_quanto_int4``: `QuantizedCache(backend="quanto", nbits=4)` + ``sdpa`` (needs optimum-quanto);
 - ``int8`` / ``fp8``: `QuantizedPerTokenHeadCache` + hf_kvquant's attention (`hf_kvquant.ATTENTION_NAME`).
@@ -151,7 +153,7 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype):
         try:
             cache = make_cache(key, model)
             decode(model, cache, prefill(model, cache, ids), 1)
-            _sync(device)
+            synchronize(device)
         except Exception as error:  # noqa: BLE001 -- the rows of this cache will fail and say why; the others run
             print(f"warm-up of {CACHES[key][0]} failed: {type(error).__name__}: {error}")
     return model
@@ -191,6 +193,19 @@ def decode(model, cache, ids: torch.Tensor, steps: int) -> torch.Tensor:
         logits = model(input_ids=ids, cache=cache, use_cache=True).logits
         ids = logits[:, -1].argmax(-1, keepdim=True)
     return ids
+
+
+def time_decode(model, cache, ids: torch.Tensor, steps: int, repeats: int, device: torch.device):
+    """``repeats`` timings of ``steps`` greedy steps from ``ids``, each with one synchronize at its end: returns the
+    last ids and the seconds per step of each repeat."""
+    step_s = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        ids = decode(model, cache, ids, steps)
+        synchronize(device)
+        step_s.append((time.perf_counter() - start) / steps)
+    return ids, step_s
 
 
 @contextlib.contextmanager
@@ -284,12 +299,12 @@ def prepare_quanto(device: torch.device, build_timeout_s: float) -> str:
 # -- measurement helpers ------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _free(device: torch.device, collect: bool = False) -> None:
+def free_memory(device: torch.device, collect: bool = False) -> None:
     """Give cached GPU memory back. ``collect``: also break reference cycles, as a traceback of a failure holds its
     frames' tensors (a full collection takes ~0.3 s, too much to pay for every cache and search attempt)."""
     if collect:
@@ -324,7 +339,7 @@ def profile_decode(model, cache, ids: torch.Tensor, steps: int, device: torch.de
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         ids = decode(model, cache, ids, steps)
-        _sync(device)
+        synchronize(device)
     kernels: dict[str, list[float]] = {}
     cpu_ops: dict[str, list[float]] = {}
     for event in prof.events():
@@ -353,7 +368,7 @@ def profile_decode(model, cache, ids: torch.Tensor, steps: int, device: torch.de
 def bench_row(model, key: str, batch: int, prompt: int, args) -> dict:
     device, vocab = args.device, model.config.vocab_size
     layers = model.config.num_hidden_layers
-    _free(device)
+    free_memory(device)
     baseline = _allocated(device)  # the weights and whatever else lives without a cache
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -364,37 +379,31 @@ def bench_row(model, key: str, batch: int, prompt: int, args) -> dict:
         cache = make_cache(key, model)
         ids = torch.randint(vocab, (batch, min(args.warmup_prompt, prompt)), device=device, generator=generator)
         decode(model, cache, prefill(model, cache, ids), 1)
-        _sync(device)
+        synchronize(device)
     if uses_ours and not (calls["calls"] == 2 * layers == calls["quantized"]):
         raise RuntimeError(f"hf_kvquant attention ran {calls['calls']} times ({calls['quantized']} with QuantizedKV) "
                            f"over 2 forward passes of {layers} layers: it is not what attends")
     del cache, ids
-    _free(device)
+    free_memory(device)
 
     ids = torch.randint(vocab, (batch, prompt), device=device, generator=generator)
     prefill_s = []
     for _ in range(args.prefill_repeats if batch * prompt <= REPEATED_PREFILL_TOKENS else 1):
         cache = None  # the previous repeat's cache goes before the next one is filled
-        _free(device)
+        free_memory(device)
         cache = make_cache(key, model)
         _reset_peak(device)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         next_ids = prefill(model, cache, ids)
-        _sync(device)
+        synchronize(device)
         prefill_s.append(time.perf_counter() - start)
     prefill_peak = _peak(device)
     del ids
 
     _reset_peak(device)
     next_ids = decode(model, cache, next_ids, args.warmup_steps)
-    step_s = []
-    for _ in range(args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        next_ids = decode(model, cache, next_ids, args.steps)
-        _sync(device)
-        step_s.append((time.perf_counter() - start) / args.steps)
+    next_ids, step_s = time_decode(model, cache, next_ids, args.steps, args.repeats, device)
     peak = _peak(device)
     tokens = cache.get_seq_length()
     held = kv_bytes(cache)
@@ -402,7 +411,7 @@ def bench_row(model, key: str, batch: int, prompt: int, args) -> dict:
     if args.profile_steps > 0:
         next_ids, profile = profile_decode(model, cache, next_ids, args.profile_steps, device)
     del cache, next_ids
-    _free(device)
+    free_memory(device)
 
     wall_ms = statistics.median(step_s) * 1e3
     gpu_ms = profile["gpu_ms_per_step"]
@@ -450,7 +459,7 @@ def _attempt(model, key: str, batch: int, tokens: int, args) -> int:
     fill_cache(cache, model.config, batch, tokens, args.dtype_, args.device)
     ids = torch.randint(model.config.vocab_size, (batch, 1), device=args.device)
     decode(model, cache, ids, args.search_steps)
-    _sync(args.device)
+    synchronize(args.device)
     return kv_bytes(cache)
 
 
@@ -465,7 +474,7 @@ def _fits(model, key: str, batch: int, tokens: int, budget: int, weights: int, a
         oom = True
     else:
         oom = False
-    _free(args.device, collect=oom)
+    free_memory(args.device, collect=oom)
     if oom:
         return False
     # On CUDA the allocator enforces the budget; the CPU smoke run has no such limit and counts the bytes held.
@@ -512,7 +521,7 @@ def search_budget(model, shape_name: str, args, progress) -> dict:
         total = torch.cuda.get_device_properties(device).total_memory
         if budget > total:
             raise ValueError(f"budget {budget / GIB:.1f} GiB exceeds the device's {total / GIB:.1f} GiB")
-        _free(device)
+        free_memory(device)
         torch.cuda.set_per_process_memory_fraction(budget / total, _index(device))
     try:
         for key in args.search_caches_:
@@ -531,7 +540,7 @@ def search_budget(model, shape_name: str, args, progress) -> dict:
                 break
             except Exception as error:  # noqa: BLE001 -- one cache's failure must not lose the others' results
                 entry["error"] = f"{type(error).__name__}: {error}"
-            _free(device, collect="error" in entry)
+            free_memory(device, collect="error" in entry)
             tqdm.write(f"budget {budget / GIB:g} GiB, {CACHES[key][0]:<27} max batch at {context}: "
                        f"{entry.get('max_batch')}, max context at batch 1: {entry.get('max_context')}")
     finally:
@@ -936,11 +945,11 @@ def run(args, argv) -> dict:
                     except Exception as error:  # noqa: BLE001 -- record it, free the memory, go on with the rest
                         row["caches"][key] = {"error": f"{type(error).__name__}: {error}"}
                         tqdm.write(f"{shape} {batch}x{prompt} {CACHES[key][0]}: {row['caches'][key]['error']}")
-                    _free(device, collect="error" in row["caches"][key])
+                    free_memory(device, collect="error" in row["caches"][key])
                     progress.update()
                     checkpoint()
             del model
-            _free(device, collect=True)
+            free_memory(device, collect=True)
         for shape_name in args.search_shapes_ if args.search_caches_ else ():
             if _past_deadline(args):
                 result["deadline_reached"] = True
@@ -949,7 +958,7 @@ def run(args, argv) -> dict:
             result["search"].append(search_budget(model, shape_name, args, search_progress))
             checkpoint()
             del model
-            _free(device, collect=True)
+            free_memory(device, collect=True)
     progress.close()
     search_progress.close()
     result["complete"] = not result.get("deadline_reached") and not any(

@@ -22,7 +22,6 @@ the checkpoint that ``tp_plan="auto"`` needs) and runs world size 1; then ``torc
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -39,9 +38,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_kvquant import ATTENTION_NAME, KVQuantMode, QuantizedPerTokenHeadCache, kv_cache_nbytes
+from bench_generate import CACHES as GENERATE_CACHES  # a sibling script: eval/ is on sys.path
+from bench_generate import decode, free_memory, make_cache, prefill, synchronize, time_decode
+from hf_kvquant import ATTENTION_NAME, kv_cache_nbytes
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZES = (1, 2)
@@ -54,12 +55,8 @@ SHAPES = {
                  num_key_value_heads=4, head_dim=64, vocab_size=1024),
 }
 SHAPE_KEYS = tuple(SHAPES["tiny"])  # what a saved checkpoint must match to be reused
-# cache name -> (attention implementation, quantization mode, or None for a DynamicCache in the model's dtype)
-CACHES = {
-    "dynamic": ("sdpa", None),
-    "int8": (ATTENTION_NAME, KVQuantMode.INT8_PER_TOKEN_HEAD),
-    "fp8": (ATTENTION_NAME, KVQuantMode.FP8_PER_TOKEN_HEAD),
-}
+# cache name -> (label, attention implementation), as eval/bench_generate.py builds them
+CACHES = {name: GENERATE_CACHES[name] for name in ("dynamic", "int8", "fp8")}
 STAGE_TIMEOUT_S = 420
 
 
@@ -93,17 +90,6 @@ def _config(run: Run) -> LlamaConfig:
 def _log(*parts) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*parts, flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _is_saved(path: Path, config: LlamaConfig) -> bool:
@@ -148,49 +134,25 @@ def _prompt(run: Run, vocab_size: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, vocab_size, (run.batch, run.prompt), generator=generator).to(device)
 
 
-def _prefill(model, tokens: torch.Tensor, cache) -> torch.Tensor:
-    logits = model(input_ids=tokens, cache=cache, logits_to_keep=1).logits
-    return logits[:, -1:].argmax(-1)
-
-
-def _decode(model, token: torch.Tensor, cache, steps: int) -> torch.Tensor:
-    for _ in range(steps):
-        token = model(input_ids=token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    return token
-
-
 def _bench_cache(model, name: str, run: Run, device: torch.device) -> dict:
-    attention, mode = CACHES[name]
-    model.set_attn_implementation(attention)
-
-    def new_cache():
-        if mode is None:
-            return DynamicCache(config=model.config)
-        return QuantizedPerTokenHeadCache(config=model.config, mode=mode)
-
+    attention = CACHES[name][1]
     prompt = _prompt(run, model.config.vocab_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
-        cache = new_cache()
-        _decode(model, _prefill(model, prompt[:, : run.warmup_prompt], cache), cache, run.warmup_steps)
+        cache = make_cache(name, model)  # switches the model to the cache's attention first
+        decode(model, cache, prefill(model, cache, prompt[:, : run.warmup_prompt]), run.warmup_steps)
         del cache
-        _free(device)
+        free_memory(device, collect=True)
 
-        cache = new_cache()
-        _sync(device)
+        cache = make_cache(name, model)
+        synchronize(device)
         start = time.perf_counter()
-        token = _prefill(model, prompt, cache)
-        _sync(device)
+        token = prefill(model, cache, prompt)
+        synchronize(device)
         prefill_s = time.perf_counter() - start
-        token = _decode(model, token, cache, run.warmup_steps)
-        step_s = []
-        for _ in range(run.repeats):
-            _sync(device)
-            start = time.perf_counter()
-            token = _decode(model, token, cache, run.steps)
-            _sync(device)
-            step_s.append((time.perf_counter() - start) / run.steps)
+        token = decode(model, cache, token, run.warmup_steps)
+        token, step_s = time_decode(model, cache, token, run.steps, run.repeats, device)
     decode_s = statistics.median(step_s)
     row = {
         "cache": name, "attention": attention, "prefill_ms": prefill_s * 1e3, "decode_ms_per_step": decode_s * 1e3,
@@ -199,7 +161,7 @@ def _bench_cache(model, name: str, run: Run, device: torch.device) -> dict:
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     del cache, token
-    _free(device)
+    free_memory(device, collect=True)
     return row
 
 
@@ -216,8 +178,8 @@ def worker(args, run: Run) -> None:
         try:
             row = _bench_cache(model, name, run, device)
         except Exception as e:  # one cache failing (e.g. out of memory) still leaves the others measured
-            _free(device)
-            row = {"cache": name, "attention": CACHES[name][0], "error": f"{type(e).__name__}: {e}"[:500]}
+            free_memory(device, collect=True)
+            row = {"cache": name, "attention": CACHES[name][1], "error": f"{type(e).__name__}: {e}"[:500]}
         if distributed:  # every rank's figures (the ranks run in lockstep: collectives in every layer)
             ranks = [None] * world_size
             dist.all_gather_object(ranks, row)
@@ -305,7 +267,7 @@ def _markdown(result: dict) -> str:
         "| speed-up | cache MiB/rank, 1 GPU | 2 GPUs | peak MiB/rank, 1 GPU | 2 GPUs |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, (attention, _) in CACHES.items():
+    for name, (_, attention) in CACHES.items():
         if not any((ws, name) in by for ws in WORLD_SIZES):
             continue
         cells = {ws: by.get((ws, name), {"error": "not run"}) for ws in WORLD_SIZES}
