@@ -4,8 +4,9 @@ Eager decoding calls each kernel once per layer and step, and there the host, no
 pace: Triton's ``kernel[grid](...)`` spends 30-50 µs of Python per call binding and specialising
 arguments (measured on an H100/H200 host, triton 3.6), as long as the attention kernel itself takes
 at small batches. `Launcher` does that work once per specialisation: the first call goes through
-Triton and keeps the compiled kernel it returns; later calls with the same specialisation key launch
-that compiled kernel directly.
+Triton and keeps the compiled kernel it returns; later calls with the same specialisation key hand
+the arguments straight to that kernel's launcher (skipping ``compiled[grid]``'s per-call stream
+lookup and launch-metadata dict too, unless a launch hook such as a profiler's is installed).
 
 The key holds the device and everything Triton specialises a compiled kernel on: each tensor's dtype and 16-byte
 alignment, each integer's divisibility by 16, equality to 1 and width (i32/i64), and the constexprs
@@ -16,20 +17,36 @@ goes through Triton.
 from __future__ import annotations
 
 import torch
+from triton import knobs
+from triton.runtime import driver
 
-_INT32 = range(-(2**31), 2**31)
+
+def _specialisation_key(args) -> tuple:
+    """What Triton specialises a compiled kernel on, for each runtime argument (one flat tuple: this runs on every
+    launch, so no call per argument)."""
+    key = []
+    append = key.append
+    for arg in args:
+        kind = type(arg)
+        if kind is int:
+            append(arg % 16 == 0)
+            append(arg == 1)
+            append(-(2**31) <= arg < 2**31)
+        elif kind is float:
+            append(float)
+        elif isinstance(arg, torch.Tensor):
+            append(arg.dtype)
+            append(arg.data_ptr() % 16 == 0)
+        elif kind is bool or arg is None:
+            append(arg)
+        else:
+            raise TypeError(f"unsupported kernel argument type {kind.__name__}")
+    return tuple(key)
 
 
-def _arg_key(arg):
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool) or arg is None:
-        return arg
-    if isinstance(arg, int):
-        return arg % 16 == 0, arg == 1, arg in _INT32
-    if isinstance(arg, float):
-        return float
-    raise TypeError(f"unsupported kernel argument type {type(arg).__name__}")
+def _idle(hook) -> bool:
+    """A launch hook that does nothing: None, or (triton >= 3.5) an empty HookChain."""
+    return hook is None or not getattr(hook, "calls", True)
 
 
 class Launcher:
@@ -46,14 +63,20 @@ class Launcher:
 
     def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict, **options) -> None:
         device = args[0].device
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
+        if device.type == "cuda" and torch.cuda.device_count() > 1 and device.index != torch.cuda.current_device():
             # Triton launches on the current device (a model split over GPUs in one process, device_map).
             with torch.cuda.device(device):
                 return self(grid, args, constexprs, **options)
-        key = (device, tuple(map(_arg_key, args)), tuple(constexprs.values()), tuple(options.items()))
+        key = (device, _specialisation_key(args), *constexprs.values(), *options.items())
         compiled = self._compiled.get(key)
         if compiled is not None:
-            compiled[(*grid, 1, 1)[:3]](*args, *constexprs.values())
+            grid = (*grid, 1, 1)
+            if _idle(knobs.runtime.launch_enter_hook) and _idle(knobs.runtime.launch_exit_hook):
+                # What compiled[grid](...) does, less its per-call lookups (no launch hooks to call here).
+                compiled.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device.index),
+                             compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs.values())
+            else:
+                compiled[grid[:3]](*args, *constexprs.values())
             return
         names = self.kernel.arg_names[len(args):]
         if list(constexprs) != names:
