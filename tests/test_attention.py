@@ -94,6 +94,19 @@ def test_lengths(mode, dtype, q_len, kv_len):
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("q_len,kv_len,pads", [(1, 1100, None), (3, 2100, None), (1, 2100, [0, 700])])
+def test_split_launches_back_to_back(mode, q_len, kv_len, pads):
+    """Long caches split across programs, merged by the last split of each row block, which resets its counter: the
+    same workspace serves launch after launch, each equal to the reference, and leaves the counters at zero."""
+    from hf_kvquant.ops import attention
+
+    for _ in range(3):
+        _check(2, 4, 2, q_len, kv_len, 64, mode, pads=pads)
+    assert attention._split_buffers, "these shapes should take the split path"
+    assert all((counters == 0).all() for _, counters in attention._split_buffers.values())
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
 @pytest.mark.parametrize("q_len,kv_len", [(1, 300), (6, 40), (48, 48)])
 def test_left_padding(mode, q_len, kv_len):
     # Row 0 is padded by more than some of its queries can see: those rows see nothing and come out as zeros.

@@ -17,7 +17,9 @@ One program owns a block of *rows* of one (batch, KV head): row ``r`` is query `
 head ``kv_head * group + r % group``, so the query heads that share a KV head read each K/V tile once
 (GQA), decode (``q_len`` = 1: the group's heads fill the rows) and prefill (many rows) are the same
 kernel. When rows alone give too few programs to fill the GPU (decode), the visible tokens are split
-across programs as well (flash-decoding) and a second small kernel merges the partial softmaxes.
+across programs as well (flash-decoding); the last program of a row block to finish merges the partial
+softmaxes, in the same launch (one launch per call: in eager decoding the host's launch time is what
+small batches wait on).
 """
 
 from __future__ import annotations
@@ -27,15 +29,19 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 from ..quantized_kv import QuantizedKV
 from .launch import Launcher
 
 _LOG2E = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
-# Decode: split the tokens until about this many programs per SM are in flight, each split at least this long.
+# Decode: split the tokens until about this many programs per SM are in flight, each split at least this long, and
+# at most into as many splits as the merge reads at once (_MERGE_ELEMENTS partial values of one row, in registers).
+# Swept on an H200 with CUDA graphs at (batch, cache length) = (1, 32k) and (8, 4k), where fewer, longer splits win.
 _PROGRAMS_PER_SM = 8
-_MIN_SPLIT_TOKENS = 256
+_MIN_SPLIT_TOKENS = 512
+_MERGE_ELEMENTS = 4096
 
 
 def attention_reference(
@@ -78,44 +84,62 @@ def _tanh(x):
 
 
 @triton.jit
+def _load_tile(ptrs, col_valid, d_valid, WHOLE: tl.constexpr, PAD_D: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] K/V tile, masked only where it can run out of range: tokens past the end of a partial tile
+    (not WHOLE) and head_dim padding (PAD_D, head_dim 96). Unmasked loads need no predicates per row."""
+    if not WHOLE:
+        tile = tl.load(ptrs, mask=col_valid[:, None] & d_valid[None, :], other=0.0)
+    elif PAD_D:
+        tile = tl.load(ptrs, mask=d_valid[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q, q_pos, lo, hi,
     k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
     qk_scale, softcap, window, offs_d, d_valid,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
-    POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD_D: tl.constexpr,
 ):
-    """Online softmax over tokens [lo, hi). Without POSITION_MASK every row sees every token of the range
-    (tiles below the causal diagonal): no causal/window compares in the hot loop."""
+    """Online softmax over tokens [lo, hi). Without POSITION_MASK the range is whole tiles that every row sees (tiles
+    below the causal diagonal): no bounds, causal or window masks in the hot loop, only the padding mask if any."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_valid = cols < hi
-        tile_mask = col_valid[:, None] & d_valid[None, :]
-        # int8/fp8 -> float32 -> query dtype: exact; faster than a direct fp8 -> bf16 cast on an H100
-        # (measured), and the route the interpreter gets right too.
-        k = tl.load(k_ptr + kv_base + cols[:, None] * kv_st + offs_d[None, :], mask=tile_mask, other=0.0)
-        k = k.to(tl.float32).to(q.dtype)
-        k_scale = tl.load(ks_ptr + s_base + cols, mask=col_valid, other=0.0)
+        kv_offsets = kv_base + cols[:, None] * kv_st + offs_d[None, :]
+        # int8/e4m3 -> float32 -> query dtype: exact, and compiled to integer and half-precision bit tricks. On an
+        # H200 a direct e4m3 -> bf16 cast and hand-written PTX widening were slower, Q.K^T in fp16 no faster. It is
+        # also the route the interpreter gets right.
+        k = _load_tile(k_ptr + kv_offsets, col_valid, d_valid, not POSITION_MASK, PAD_D).to(tl.float32).to(q.dtype)
+        if POSITION_MASK:
+            k_scale = tl.load(ks_ptr + s_base + cols, mask=col_valid, other=0.0)
+        else:
+            k_scale = tl.load(ks_ptr + s_base + cols)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
         if SOFTCAP:
             scores = softcap * _tanh(scores / softcap) * LOG2E
-        visible = col_valid[None, :]
+        # base 2 from here on (LOG2E is in qk_scale or above)
         if POSITION_MASK:
-            visible = visible & (cols[None, :] <= q_pos[:, None])
+            visible = col_valid[None, :] & (cols[None, :] <= q_pos[:, None])
             if SLIDING:
                 visible = visible & (cols[None, :] > q_pos[:, None] - window)
+            scores = tl.where(visible, scores, float("-inf"))
         if HAS_MASK:
             keep = tl.load(mask_ptr + mask_base + cols, mask=col_valid, other=0)
-            visible = visible & (keep != 0)[None, :]
-        scores = tl.where(visible, scores, float("-inf"))  # base 2 from here on (LOG2E is in qk_scale or above)
+            scores = tl.where((keep != 0)[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_scale = tl.load(vs_ptr + s_base + cols, mask=col_valid, other=0.0)
-        v = tl.load(v_ptr + kv_base + cols[:, None] * kv_st + offs_d[None, :], mask=tile_mask, other=0.0)
-        v = v.to(tl.float32).to(q.dtype)
+        if POSITION_MASK:
+            v_scale = tl.load(vs_ptr + s_base + cols, mask=col_valid, other=0.0)
+        else:
+            v_scale = tl.load(vs_ptr + s_base + cols)
+        v = _load_tile(v_ptr + kv_offsets, col_valid, d_valid, not POSITION_MASK, PAD_D).to(tl.float32).to(q.dtype)
         p = (p * v_scale[None, :]).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -129,15 +153,17 @@ def _attention_kernel(
     ks_ptr, vs_ptr, s_sb, s_sh,
     mask_ptr, mask_sb,
     o_ptr, o_sb, o_st, o_sh,
-    part_o_ptr, part_ml_ptr,
+    part_ptr, count_ptr,
     kv_start, kv_len, q_len, num_kv_heads, tokens_per_split,
     qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
     BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
+    # short ones fill the tail (measured: 4 % faster at 8k tokens on an H200).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
     b = (pid_bh // num_kv_heads).to(tl.int64)  # b * batch stride passes 2**31 in large caches
@@ -177,54 +203,53 @@ def _attention_kernel(
             acc, m_i, l_i, q, q_pos, lo, bulk_end,
             k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
             qk_scale, softcap, window, offs_d, d_valid,
-            BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION)
+            BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION, HEAD_DIM != BLOCK_D)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, bulk_end, hi,
         k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
         qk_scale, softcap, window, offs_d, d_valid,
-        BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION)
+        BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION, HEAD_DIM != BLOCK_D)
 
     if SPLIT:
-        # Partials [batch, kv_heads, splits, rows, ...], merged by _merge_splits_kernel.
-        part = (pid_bh * tl.num_programs(2) + pid_s) * num_rows + rows
-        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+        # Partials [batch, kv_heads, splits, rows, ...]: all the outputs (head_dim each), then all the (max, sum)
+        # pairs, in one buffer. The last split of the row block to finish merges them, in this same launch: in eager
+        # decoding a second kernel would cost more host time than the merge costs the GPU.
+        num_splits = tl.num_programs(2)
+        part_ml_ptr = part_ptr + tl.num_programs(1) * num_splits * num_rows * HEAD_DIM
+        part = (pid_bh * num_splits + pid_s) * num_rows + rows
+        tl.store(part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_valid[:, None] & d_valid[None, :])
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_valid)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
+        # Every thread's stores come before the count (barrier, then a release at GPU scope); the last program's
+        # reads come after it (acquire, then L1-bypassing loads).
+        tl.debug_barrier()
+        counter = count_ptr + pid_bh * tl.num_programs(0) + pid_m
+        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+            tl.atomic_xchg(counter, 0)  # ready for the next launch
+            splits = tl.arange(0, BLOCK_S)
+            split_valid = splits < num_splits
+            for row in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows)):
+                row_parts = (pid_bh * num_splits + splits) * num_rows + row
+                split_m = tl.load(part_ml_ptr + row_parts * 2, mask=split_valid, other=float("-inf"),
+                                  cache_modifier=".cg")
+                split_l = tl.load(part_ml_ptr + row_parts * 2 + 1, mask=split_valid, other=0.0, cache_modifier=".cg")
+                split_acc = tl.load(part_ptr + row_parts[:, None] * HEAD_DIM + offs_d[None, :],
+                                    mask=split_valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
+                row_max = tl.max(split_m, axis=0)
+                weight = tl.exp2(split_m - tl.where(row_max == float("-inf"), 0.0, row_max))
+                total = tl.sum(split_l * weight, axis=0)
+                row_out = tl.sum(split_acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+                row_head = kv_head * GROUP + row % GROUP
+                tl.store(o_ptr + b * o_sb + (row // GROUP) * o_st + row_head * o_sh + offs_d,
+                         row_out.to(o_ptr.dtype.element_ty), mask=d_valid)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(o_ptr + b * o_sb + q_idx[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
 
-@triton.jit
-def _merge_splits_kernel(
-    part_o_ptr, part_ml_ptr, o_ptr, o_sb, o_st, o_sh,
-    num_kv_heads, num_rows, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    row = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_kv_heads).to(tl.int64)  # b * batch stride passes 2**31 in large caches
-    head = (pid_bh % num_kv_heads) * GROUP + row % GROUP
-    splits = tl.arange(0, BLOCK_S)
-    split_valid = splits < num_splits
-    offs_d = tl.arange(0, BLOCK_D)
-    part = (pid_bh * num_splits + splits) * num_rows + row
-    m = tl.load(part_ml_ptr + part * 2, mask=split_valid, other=float("-inf"))
-    l = tl.load(part_ml_ptr + part * 2 + 1, mask=split_valid, other=0.0)
-    m_max = tl.max(m, axis=0)
-    weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    acc = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=split_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    total = tl.sum(l * weight, axis=0)
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(o_ptr + b * o_sb + (row // GROUP) * o_st + head * o_sh + offs_d, out.to(o_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
-
-
 _launch_attention = Launcher(_attention_kernel)
-_launch_merge = Launcher(_merge_splits_kernel)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -240,6 +265,24 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter: any small number exercises the split path
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_split_buffers: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 room for ``partials`` values and at least ``counters`` int32 zeros, kept per device and stream across
+    launches (one allocation less per call). Launches on one stream run in order and each is done with its partials
+    when it ends; its last split of each row block resets that block's counter to zero for the next."""
+    key = (device, driver.active.get_current_stream(device.index) if device.type == "cuda" else 0)
+    buffers = _split_buffers.get(key)
+    if buffers is None or buffers[0].numel() < partials or buffers[1].numel() < counters:
+        old = buffers or (torch.empty(0), torch.empty(0))
+        buffers = _split_buffers[key] = (
+            torch.empty(max(partials, old[0].numel()), device=device, dtype=torch.float32),
+            torch.zeros(max(counters, old[1].numel(), 1024), device=device, dtype=torch.int32),
+        )
+    return buffers
 
 
 # Rows per (batch, KV head) up to which a call is a decode step: one loop over long K/V streams, split across programs.
@@ -284,49 +327,47 @@ def quantized_attention(
     scaling = head_dim**-0.5 if scaling is None else scaling
 
     block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, head_dim)
+    block_d = _next_power_of_2(head_dim)
+    max_splits = _MERGE_ELEMENTS // block_d
     row_blocks = _cdiv(num_rows, block_m)
     programs = row_blocks * batch * kv_heads
     wanted_programs = _PROGRAMS_PER_SM * _num_sms(device)
     splits = 1
     if programs < wanted_programs:
-        splits = max(1, min(_cdiv(wanted_programs, programs), kv_len // _MIN_SPLIT_TOKENS))
+        splits = max(1, min(_cdiv(wanted_programs, programs), kv_len // _MIN_SPLIT_TOKENS, max_splits))
     tokens_per_split = _cdiv(_cdiv(kv_len, splits), block_n) * block_n
     splits = max(1, _cdiv(kv_len, tokens_per_split))
 
     if splits > 1:
-        partials = batch * kv_heads * splits * num_rows
-        part_o = torch.empty(partials, head_dim, device=device, dtype=torch.float32)
-        part_ml = torch.empty(partials, 2, device=device, dtype=torch.float32)
+        partials, counters = _split_workspace(
+            device, batch * kv_heads * splits * num_rows * (head_dim + 2), row_blocks * batch * kv_heads)
     else:
-        part_o = part_ml = out  # unused
+        partials = counters = out  # unused
     if padding_mask is not None and padding_mask.dtype == torch.bool:
         padding_mask = padding_mask.view(torch.uint8)  # same bytes, a pointer type Triton loads
 
+    q_sb, q_sh, q_st, _ = query.stride()
+    kv_sb, kv_sh, kv_st, _ = key.data.stride()
+    s_sb, s_sh, _ = key.scale.stride()
+    o_sb, o_st, o_sh = q_len * heads * head_dim, heads * head_dim, head_dim  # out is contiguous
     _launch_attention(
         (row_blocks, batch * kv_heads, splits),
         (
-            query, query.stride(0), query.stride(1), query.stride(2),
-            key.data, value.data, key.data.stride(0), key.data.stride(1), key.data.stride(2),
-            key.scale, value.scale, key.scale.stride(0), key.scale.stride(1),
+            query, q_sb, q_sh, q_st,
+            key.data, value.data, kv_sb, kv_sh, kv_st,
+            key.scale, value.scale, s_sb, s_sh,
             out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),
-            out, out.stride(0), out.stride(1), out.stride(2),
-            part_o, part_ml,
+            out, o_sb, o_st, o_sh,
+            partials, counters,
             key.start, kv_len, q_len, kv_heads, tokens_per_split,
             scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
         ),
         dict(
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=max_splits,
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
             SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         ),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if splits > 1:
-        _launch_merge(
-            (num_rows, batch * kv_heads),
-            (part_o, part_ml, out, out.stride(0), out.stride(1), out.stride(2), kv_heads, num_rows, splits),
-            dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=_next_power_of_2(head_dim), BLOCK_S=_next_power_of_2(splits)),
-            num_warps=4,
-        )
     return out
