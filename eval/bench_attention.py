@@ -35,6 +35,11 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def _bench_graph(fn) -> float:
+    """GPU time alone: ``fn`` captured in a CUDA graph and replayed, so no host launch time between calls."""
+    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
 def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tensor, value: torch.Tensor):
     """QuantizedKV keys and values of a bf16 cache, quantized with the cache's own kernel."""
     shape = (batch, KV_HEADS, length)
@@ -48,13 +53,14 @@ def bench_decode(batch: int, length: int) -> dict:
     query = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
     key = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=DTYPE)
     value = torch.randn_like(key)
-    row = {"batch": batch, "cache_len": length,
-           "sdpa_bf16_ms": _bench(lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True))}
+    sdpa = lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+    row = {"batch": batch, "cache_len": length, "sdpa_bf16_ms": _bench(sdpa), "sdpa_bf16_graph_ms": _bench_graph(sdpa)}
     reference = F.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2).float()
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, length, mode, key, value)
         name = "int8" if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else "fp8"
         row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
+        row[f"{name}_graph_ms"] = _bench_graph(lambda: quantized_attention(query, qk, qv))
         out = quantized_attention(query, qk, qv).float()
         row[f"{name}_max_error_vs_bf16"] = (out - reference).abs().max().item()
         if mode is KVQuantMode.INT8_PER_TOKEN_HEAD:
@@ -66,6 +72,8 @@ def bench_decode(batch: int, length: int) -> dict:
     row["int8_over_sdpa"] = row["int8_ms"] / row["sdpa_bf16_ms"]
     row["fp8_over_sdpa"] = row["fp8_ms"] / row["sdpa_bf16_ms"]
     row["fp8_over_int8"] = row["fp8_ms"] / row["int8_ms"]
+    row["int8_over_sdpa_graph"] = row["int8_graph_ms"] / row["sdpa_bf16_graph_ms"]
+    row["fp8_over_sdpa_graph"] = row["fp8_graph_ms"] / row["sdpa_bf16_graph_ms"]
     return row
 
 
@@ -93,18 +101,22 @@ def markdown(result: dict) -> str:
     lines = [
         f"Device: {result['device']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
         f"transformers {result['versions']['transformers']}. Copy bandwidth {result['copy_tb_per_s']:.2f} TB/s "
-        "(read + written). Times are medians of `triton.testing.do_bench`, in ms.",
+        "(read + written). Times are medians of `triton.testing.do_bench` (eager calls: host launch time included, "
+        "as in eager decoding), in ms; the last two columns are GPU time alone, calls replayed from a CUDA graph "
+        "(`do_bench_cudagraph`).",
         "",
         "Decode, 1 query token, 32 query / 8 KV heads, head_dim 128, bf16 queries:",
         "",
-        "| batch | cache len | SDPA bf16 | dequant + SDPA | INT8 | FP8 | INT8 / SDPA | FP8 / SDPA | FP8 / INT8 | INT8 TB/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| batch | cache len | SDPA bf16 | dequant + SDPA | INT8 | FP8 | INT8 / SDPA | FP8 / SDPA | FP8 / INT8 | INT8 TB/s "
+        "| INT8 / SDPA, graphs | FP8 / SDPA, graphs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["decode"]:
         lines.append(
             f"| {r['batch']} | {r['cache_len']} | {r['sdpa_bf16_ms']:.3f} | {r['dequant_sdpa_ms']:.3f} | "
             f"{r['int8_ms']:.3f} | {r['fp8_ms']:.3f} | {r['int8_over_sdpa']:.2f} | {r['fp8_over_sdpa']:.2f} | "
-            f"{r['fp8_over_int8']:.2f} | {r['int8_tb_per_s']:.2f} |")
+            f"{r['fp8_over_int8']:.2f} | {r['int8_tb_per_s']:.2f} | {r['int8_over_sdpa_graph']:.2f} | "
+            f"{r['fp8_over_sdpa_graph']:.2f} |")
     p = result["prefill"]
     lines += [
         "",
