@@ -3,7 +3,8 @@
 Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), bf16 queries:
 - decode (1 query token) at (batch, cache length) = (1, 32k), (8, 4k), (8, 32k), (32, 8k):
   hf_kvquant INT8 and FP8 kernels, `scaled_dot_product_attention` over a bf16 cache (``enable_gqa=True``),
-  and dequantize-then-SDPA over the INT8 cache;
+  and dequantize-then-SDPA over the INT8 cache, timed as eager calls (host launch time included, as in eager
+  decoding) and, for SDPA and the kernels, also as GPU time alone (replayed from a CUDA graph);
 - prefill of 8k tokens, batch 1, causal: the same kernel against SDPA (flash) on bf16;
 - the device's copy bandwidth, to read the decode times against.
 

@@ -276,12 +276,14 @@ def _split_workspace(device: torch.device, partials: int, counters: int) -> tupl
     when it ends; its last split of each row block resets that block's counter to zero for the next."""
     key = (device, driver.active.get_current_stream(device.index) if device.type == "cuda" else 0)
     buffers = _split_buffers.get(key)
-    if buffers is None or buffers[0].numel() < partials or buffers[1].numel() < counters:
-        old = buffers or (torch.empty(0), torch.empty(0))
-        buffers = _split_buffers[key] = (
-            torch.empty(max(partials, old[0].numel()), device=device, dtype=torch.float32),
-            torch.zeros(max(counters, old[1].numel(), 1024), device=device, dtype=torch.int32),
-        )
+    if buffers is not None:
+        if buffers[0].numel() >= partials and buffers[1].numel() >= counters:
+            return buffers
+        partials, counters = max(partials, buffers[0].numel()), max(counters, buffers[1].numel())  # grow only
+    buffers = _split_buffers[key] = (
+        torch.empty(partials, device=device, dtype=torch.float32),
+        torch.zeros(max(counters, 1024), device=device, dtype=torch.int32),
+    )
     return buffers
 
 
