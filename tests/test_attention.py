@@ -4,6 +4,7 @@ On CPU the kernel runs under TRITON_INTERPRET=1 with float32 queries (the interp
 on a GPU the same grid runs natively, and bf16/fp16 queries are added. The Hadamard-rotated cache (`hadamard=True`)
 is checked the same way: through the kernel with a rotated query, against the reference over un-rotated K/V."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -18,11 +19,13 @@ from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 QUERY_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32]
-# Kernel vs reference, relative to the largest output value: float32 differs only by summation order;
-# bf16/fp16 by the rounding of Q, of the probabilities and of the output.
-# With the 20x outlier channel below, scores reach the hundreds and an H100 gives bf16 errors up to 2.7 % of the output
-# maximum (fp16: 0.3 %), above what the rounding of P alone explains (0.4 %); see the attention issue's notes.
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# Kernel vs reference, relative to the largest output value: float32 differs only by summation order; bf16/fp16 by
+# the rounding of the probabilities (times the value scales) and of the output. The reference attends over K/V
+# dequantized in float32, as the kernel computes them (int8/e4m3 times a float32 scale): dequantized in the query's
+# dtype instead, the reference's own rounding of K moves scores in the hundreds (the 20x outlier channel below) by
+# whole units, and errors measured on an H100 reached 1.2 % (fp16) and 2.6 % (bf16) of the output maximum where
+# rounding P costs 0.02 % and 0.15 %.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=torch.float32, hadamard=False):
@@ -60,7 +63,8 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
     mask = _left_padding(batch, kv_len, pads) if pads else None
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
     out = attend(query, key, value, mask, **options)
-    expected = attention_reference(query.float(), key.dequantize().float(), value.dequantize().float(), mask, **options)
+    exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
+    expected = attention_reference(query.float(), exact_key, exact_value, mask, **options)
     assert out.shape == (batch, q_len, heads, head_dim) and out.dtype == dtype
     assert torch.isfinite(out).all()
     error = (out.float() - expected).abs().max().item()
@@ -69,7 +73,7 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
         # The kernel computes in the query's dtype, so the rotated query is rounded to it: allow twice what that
         # rounding alone costs the reference.
         rounded = unrotate(rotate(query.float(), key.rotation).to(dtype).float(), key.rotation)
-        allowed += 2 * (attention_reference(rounded, key.dequantize().float(), value.dequantize().float(), mask,
+        allowed += 2 * (attention_reference(rounded, exact_key, exact_value, mask,
                                             **options) - expected).abs().max().item()
     assert error <= allowed, f"max error {error}"
 
@@ -79,8 +83,8 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
 @pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 1)])
 def test_decode(mode, dtype, head_dim, heads, kv_heads):
-    # One query token; 600 tokens make the kernel split them across programs and merge.
-    _check(2, heads, kv_heads, 1, 600, head_dim, mode, dtype)
+    # One query token; 1100 tokens make the kernel split them across programs (2 splits) and merge.
+    _check(2, heads, kv_heads, 1, 1100, head_dim, mode, dtype)
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))

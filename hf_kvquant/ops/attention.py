@@ -36,12 +36,16 @@ from .launch import Launcher
 
 _LOG2E = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
-# Decode: split the tokens until about this many programs per SM are in flight, each split at least this long, and
-# at most into as many splits as the merge reads at once (_MERGE_ELEMENTS partial values of one row, in registers).
-# Swept on an H200 with CUDA graphs at (batch, cache length) = (1, 32k) and (8, 4k), where fewer, longer splits win.
-_PROGRAMS_PER_SM = 8
+# The merge reads this many splits' partials at once (unrolled: their loads are in flight together).
+MERGE_SPLITS_AT_ONCE: tl.constexpr = tl.constexpr(8)
+# Decode: split the tokens into as many parts as keep the programs at or under this many per SM, each split at least
+# this long, and into at most _MAX_SPLITS (one program merges them all). Swept on an H100 with CUDA graphs at
+# (batch, cache length) = (1, 32k), (8, 4k), (8, 32k), (32, 8k) (Llama-3-8B heads): about 2 long programs per SM
+# stream best; a third, or a last partial wave, costs 3-27 % (e.g. (8, 32k): 4 splits 0.58 x SDPA, 6 splits 0.73 x,
+# 18 splits 0.60 x; (32, 8k): no split 0.58 x, 2-5 splits 0.61-0.63 x).
+_PROGRAMS_PER_SM = 2
 _MIN_SPLIT_TOKENS = 512
-_MERGE_ELEMENTS = 4096
+_MAX_SPLITS = 32
 
 
 def attention_reference(
@@ -147,6 +151,44 @@ def _attend_tiles(
 
 
 @triton.jit
+def _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row_valid, offs_d, d_valid,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(acc, max, sum) of a row block over all splits, folding in the splits' partial softmaxes one at a time (online,
+    as in the main loop). MERGE_SPLITS_AT_ONCE splits per step, unrolled so that their loads are in flight together:
+    with one split, or one row, per step each step waits a memory latency (measured on an H100: the merge cost 5 us
+    of a 37 us decode step). Unrolled over all 32 splits it compiled in twice the time and ran slower than 8 at once
+    (H100, (8, 4k): 0.76 x against 0.68 x SDPA's time).
+    The caller's own split is read back too: its registers are in the dot's layout, and mixing them in would move
+    every loaded tile through shared memory. L1-bypassing loads: other SMs wrote the partials."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for first in range(0, num_splits, MERGE_SPLITS_AT_ONCE):
+        for s in tl.static_range(MERGE_SPLITS_AT_ONCE):
+            part = (pid_bh * num_splits + first + s) * num_rows + rows
+            valid = row_valid & (part < (pid_bh + 1) * num_splits * num_rows)  # split first + s exists
+            split_m = tl.load(part_ml_ptr + part * 2, mask=valid, other=float("-inf"), cache_modifier=".cg")
+            split_l = tl.load(part_ml_ptr + part * 2 + 1, mask=valid, other=0.0, cache_modifier=".cg")
+            split_acc = tl.load(part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                                mask=valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_i, split_m)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            weight = tl.exp2(split_m - m_safe)
+            acc = acc * alpha[:, None] + split_acc * weight[:, None]
+            l_i = l_i * alpha + split_l * weight
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_rows(o_ptr, acc, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh):
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key at all (padding queries): zeros
+    tl.store(o_ptr + b * o_sb + q_idx[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, q_sb, q_sh, q_st,
     k_ptr, v_ptr, kv_sb, kv_sh, kv_st,
@@ -157,7 +199,7 @@ def _attention_kernel(
     kv_start, kv_len, q_len, num_kv_heads, tokens_per_split,
     qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
     BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -222,31 +264,16 @@ def _attention_kernel(
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_valid)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
         # Every thread's stores come before the count (barrier, then a release at GPU scope); the last program's
-        # reads come after it (acquire, then L1-bypassing loads).
+        # reads come after it (acquire).
         tl.debug_barrier()
         counter = count_ptr + pid_bh * tl.num_programs(0) + pid_m
         if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
             tl.atomic_xchg(counter, 0)  # ready for the next launch
-            splits = tl.arange(0, BLOCK_S)
-            split_valid = splits < num_splits
-            for row in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows)):
-                row_parts = (pid_bh * num_splits + splits) * num_rows + row
-                split_m = tl.load(part_ml_ptr + row_parts * 2, mask=split_valid, other=float("-inf"),
-                                  cache_modifier=".cg")
-                split_l = tl.load(part_ml_ptr + row_parts * 2 + 1, mask=split_valid, other=0.0, cache_modifier=".cg")
-                split_acc = tl.load(part_ptr + row_parts[:, None] * HEAD_DIM + offs_d[None, :],
-                                    mask=split_valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
-                row_max = tl.max(split_m, axis=0)
-                weight = tl.exp2(split_m - tl.where(row_max == float("-inf"), 0.0, row_max))
-                total = tl.sum(split_l * weight, axis=0)
-                row_out = tl.sum(split_acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-                row_head = kv_head * GROUP + row % GROUP
-                tl.store(o_ptr + b * o_sb + (row // GROUP) * o_st + row_head * o_sh + offs_d,
-                         row_out.to(o_ptr.dtype.element_ty), mask=d_valid)
+            acc, m_i, l_i = _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row_valid,
+                                          offs_d, d_valid, BLOCK_M, BLOCK_D, HEAD_DIM)
+            _store_rows(o_ptr, acc, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh)
     else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(o_ptr + b * o_sb + q_idx[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        _store_rows(o_ptr, acc, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh)
 
 
 _launch_attention = Launcher(_attention_kernel)
@@ -330,13 +357,10 @@ def quantized_attention(
 
     block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, head_dim)
     block_d = _next_power_of_2(head_dim)
-    max_splits = _MERGE_ELEMENTS // block_d
     row_blocks = _cdiv(num_rows, block_m)
     programs = row_blocks * batch * kv_heads
     wanted_programs = _PROGRAMS_PER_SM * _num_sms(device)
-    splits = 1
-    if programs < wanted_programs:
-        splits = max(1, min(_cdiv(wanted_programs, programs), kv_len // _MIN_SPLIT_TOKENS, max_splits))
+    splits = max(1, min(wanted_programs // programs, kv_len // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
     tokens_per_split = _cdiv(_cdiv(kv_len, splits), block_n) * block_n
     splits = max(1, _cdiv(kv_len, tokens_per_split))
 
@@ -365,7 +389,7 @@ def quantized_attention(
             scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
         ),
         dict(
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=max_splits,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
             SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
