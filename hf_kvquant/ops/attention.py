@@ -319,8 +319,15 @@ _DECODE_ROWS = 64
 
 
 @functools.lru_cache
-def _block_sizes(num_rows: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep on an H100 (Llama-3-8B heads, bf16)."""
+def _block_sizes(num_rows: int, head_dim: int, float32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep on an H100 (Llama-3-8B heads, bf16).
+
+    Float32 queries take exact (FMA, not tensor-core) dots, whose tiles the bf16 sizes do not fit in registers:
+    compiled for sm_90 (triton 3.6) they spilled 4-32 KB per thread, which the driver reserves as local memory for
+    every thread the GPU can hold (GBs; launches failed with "out of memory" beside other processes). Small tiles
+    and no pipelining compile without spills for head_dim 64-256."""
+    if float32:
+        return 16, 64, 8, 1
     if num_rows <= _DECODE_ROWS:
         block_m = max(16, _next_power_of_2(num_rows))
         return block_m, (64 if head_dim > 128 else 128), 4, 3
@@ -355,7 +362,7 @@ def quantized_attention(
     out = torch.empty(batch, q_len, heads, head_dim, device=device, dtype=query.dtype)
     scaling = head_dim**-0.5 if scaling is None else scaling
 
-    block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, head_dim)
+    block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, head_dim, query.dtype == torch.float32)
     block_d = _next_power_of_2(head_dim)
     row_blocks = _cdiv(num_rows, block_m)
     programs = row_blocks * batch * kv_heads
