@@ -5,7 +5,8 @@ Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), bf16 queries:
   hf_kvquant INT8 and FP8 kernels, `scaled_dot_product_attention` over a bf16 cache (``enable_gqa=True``),
   and dequantize-then-SDPA over the INT8 cache, timed as eager calls (host launch time included, as in eager
   decoding) and, for SDPA and the kernels, also as GPU time alone (replayed from a CUDA graph);
-- prefill of 8k tokens, batch 1, causal: the same kernel against SDPA (flash) on bf16;
+- prefill of 8k tokens, batch 1, causal: the same kernel against SDPA on bf16, pinned to each of its fused
+  backends (the target is set against the flash backend) and as SDPA picks by default;
 - the device's copy bandwidth, to read the decode times against.
 
     python eval/bench_attention.py [--out-dir eval/results]
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hf_kvquant import KVQuantMode, QuantizedKV
 from hf_kvquant.ops.attention import quantized_attention
@@ -30,6 +32,7 @@ from hf_kvquant.ops.quantize import quantize_into_triton
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 DECODE_SHAPES = [(1, 32768), (8, 4096), (8, 32768), (32, 8192)]
 PREFILL_TOKENS = 8192
+PREFILL_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
 def _bench(fn) -> float:
@@ -82,13 +85,22 @@ def bench_prefill() -> dict:
     query = torch.randn(1, HEADS, PREFILL_TOKENS, HEAD_DIM, device="cuda", dtype=DTYPE)
     key = torch.randn(1, KV_HEADS, PREFILL_TOKENS, HEAD_DIM, device="cuda", dtype=DTYPE)
     value = torch.randn_like(key)
-    row = {"batch": 1, "tokens": PREFILL_TOKENS, "sdpa_bf16_ms": _bench(
-        lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True))}
+    sdpa = lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    row = {"batch": 1, "tokens": PREFILL_TOKENS, "sdpa_default_ms": _bench(sdpa)}
+    # SDPA's default pick depends on the torch build and GPU (on an H100 with torch 2.11 it is not the flash
+    # backend): time each fused backend pinned as well; None where it does not take these inputs.
+    for backend in PREFILL_SDPA_BACKENDS:
+        try:
+            with sdpa_kernel(backend):
+                row[f"sdpa_{backend.name.lower()}_ms"] = _bench(sdpa)
+        except RuntimeError:
+            row[f"sdpa_{backend.name.lower()}_ms"] = None
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(1, PREFILL_TOKENS, mode, key, value)
         name = "int8" if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else "fp8"
         row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
-        row[f"{name}_over_sdpa"] = row[f"{name}_ms"] / row["sdpa_bf16_ms"]
+        row[f"{name}_over_sdpa_flash"] = row[f"{name}_ms"] / row["sdpa_flash_attention_ms"]
+        row[f"{name}_over_sdpa_default"] = row[f"{name}_ms"] / row["sdpa_default_ms"]
     return row
 
 
@@ -106,10 +118,11 @@ def markdown(result: dict) -> str:
         "as in eager decoding), in ms; the last two columns are GPU time alone, calls replayed from a CUDA graph "
         "(`do_bench_cudagraph`).",
         "",
-        "Decode, 1 query token, 32 query / 8 KV heads, head_dim 128, bf16 queries:",
+        "Decode, 1 query token, 32 query / 8 KV heads, head_dim 128, bf16 queries; SDPA as it picks its backend by "
+        "default:",
         "",
-        "| batch | cache len | SDPA bf16 | dequant + SDPA | INT8 | FP8 | INT8 / SDPA | FP8 / SDPA | FP8 / INT8 | INT8 TB/s "
-        "| INT8 / SDPA, graphs | FP8 / SDPA, graphs |",
+        "| batch | cache len | SDPA bf16 | dequant + SDPA | INT8 | FP8 | INT8 / SDPA | FP8 / SDPA | FP8 / INT8 "
+        "| INT8 TB/s | INT8 / SDPA, graphs | FP8 / SDPA, graphs |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["decode"]:
@@ -119,10 +132,21 @@ def markdown(result: dict) -> str:
             f"{r['fp8_over_int8']:.2f} | {r['int8_tb_per_s']:.2f} | {r['int8_over_sdpa_graph']:.2f} | "
             f"{r['fp8_over_sdpa_graph']:.2f} |")
     p = result["prefill"]
+    ms = lambda t: "n/a" if t is None else f"{t:.3f}"
     lines += [
         "",
-        f"Prefill, {p['tokens']} tokens, batch 1, causal: SDPA bf16 (flash) {p['sdpa_bf16_ms']:.3f} ms, "
-        f"INT8 {p['int8_ms']:.3f} ms ({p['int8_over_sdpa']:.2f} x), FP8 {p['fp8_ms']:.3f} ms ({p['fp8_over_sdpa']:.2f} x).",
+        f"Prefill, {p['tokens']} tokens, batch 1, causal, times in ms. The target (<= 1.5 x) is set against SDPA's "
+        "flash backend; SDPA's default pick and its other fused backends are timed beside it (n/a: the backend "
+        "does not take these inputs):",
+        "",
+        "| SDPA flash | SDPA cuDNN | SDPA efficient | SDPA default | INT8 | FP8 | INT8 / flash | FP8 / flash "
+        "| INT8 / default | FP8 / default |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {ms(p['sdpa_flash_attention_ms'])} | {ms(p['sdpa_cudnn_attention_ms'])} | "
+        f"{ms(p['sdpa_efficient_attention_ms'])} | {ms(p['sdpa_default_ms'])} | {p['int8_ms']:.3f} | "
+        f"{p['fp8_ms']:.3f} | "
+        f"{p['int8_over_sdpa_flash']:.2f} | {p['fp8_over_sdpa_flash']:.2f} | {p['int8_over_sdpa_default']:.2f} | "
+        f"{p['fp8_over_sdpa_default']:.2f} |",
     ]
     return "\n".join(lines) + "\n"
 
