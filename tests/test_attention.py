@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, requires_cuda
 
 from hf_kvquant import KVQuantMode, QuantizedKV, hf_kvquant_attention
 from hf_kvquant.attention import attend_quantized
@@ -81,7 +81,7 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
 @pytest.mark.parametrize("mode", list(KVQuantMode))
 @pytest.mark.parametrize("dtype", QUERY_DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
-@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 1)])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2), (8, 1)])  # GQA ratios 1, 2, 4, 8
 def test_decode(mode, dtype, head_dim, heads, kv_heads):
     # One query token; 1100 tokens make the kernel split them across programs (2 splits) and merge.
     _check(2, heads, kv_heads, 1, 1100, head_dim, mode, dtype)
@@ -95,6 +95,41 @@ def test_decode(mode, dtype, head_dim, heads, kv_heads):
 )
 def test_lengths(mode, dtype, q_len, kv_len):
     _check(2, 4, 2, q_len, kv_len, 64, mode, dtype)
+
+
+def _random_quantized(batch, kv_heads, kv_len, head_dim, mode):
+    """Random stored values and scales straight on the GPU (too large to quantize on the host)."""
+    data = torch.randint(-128, 128, (batch, kv_heads, kv_len, head_dim), device="cuda", dtype=torch.int8)
+    if mode is not KVQuantMode.INT8_PER_TOKEN_HEAD:
+        data = (data.view(torch.uint8) & 0xBF).view(mode.storage_dtype)  # e4m3 exponents up to 7: no NaN bytes
+    scale = torch.rand(batch, kv_heads, kv_len, device="cuda") + 0.1
+    return QuantizedKV(data, scale, 0, kv_len, mode, torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,kv_len",
+    [(1, 32, 8, 131072), (64, 32, 4, 4096), (17, 8, 8, 131072)],
+    ids=["128k", "batch64-gqa8", "past-2**31-elements"],
+)
+def test_decode_at_scale(mode, batch, heads, kv_heads, kv_len):
+    """The issue's bounds: a 128k cache (the most splits), batch 64 at GQA 8, and buffers of more than 2**31 elements
+    (offsets past int32). Checked against the reference for the first and last sequence of the batch."""
+    torch.manual_seed(0)
+    key = _random_quantized(batch, kv_heads, kv_len, 128, mode)
+    value = _random_quantized(batch, kv_heads, kv_len, 128, mode)
+    # Scores with a standard deviation of about 3: neither uniform nor one-hot over the 128k tokens.
+    key_size = (key.data[0, 0, :4096].float() * key.scale[0, 0, :4096, None]).std().item()
+    query = (torch.randn(batch, heads, 1, 128, device="cuda") * (3 / key_size)).to(torch.bfloat16)
+    out = quantized_attention(query, key, value)
+    for b in (0, batch - 1):
+        exact_key, exact_value = (
+            QuantizedKV(kv.data[b : b + 1], kv.scale[b : b + 1], 0, kv_len, mode, torch.float32).dequantize()
+            for kv in (key, value))
+        expected = attention_reference(query[b : b + 1].float(), exact_key, exact_value)
+        error = (out[b : b + 1].float() - expected).abs().max().item()
+        assert error <= TOLERANCE[torch.bfloat16] * expected.abs().max().item(), (b, error)
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
