@@ -44,6 +44,10 @@ def _bench_graph(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
 
 
+def _short_name(mode: KVQuantMode) -> str:
+    return "int8" if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else "fp8"
+
+
 def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tensor, value: torch.Tensor):
     """QuantizedKV keys and values of a bf16 cache, quantized with the cache's own kernel."""
     shape = (batch, KV_HEADS, length)
@@ -62,7 +66,7 @@ def bench_decode(batch: int, length: int) -> dict:
     reference = F.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2).float()
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, length, mode, key, value)
-        name = "int8" if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else "fp8"
+        name = _short_name(mode)
         row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
         row[f"{name}_graph_ms"] = _bench_graph(lambda: quantized_attention(query, qk, qv))
         out = quantized_attention(query, qk, qv).float()
@@ -90,14 +94,15 @@ def bench_prefill() -> dict:
     # SDPA's default pick depends on the torch build and GPU (on an H100 with torch 2.11 it is not the flash
     # backend): time each fused backend pinned as well; None where it does not take these inputs.
     for backend in PREFILL_SDPA_BACKENDS:
+        field = f"sdpa_{backend.name.lower()}_ms"
         try:
             with sdpa_kernel(backend):
-                row[f"sdpa_{backend.name.lower()}_ms"] = _bench(sdpa)
+                row[field] = _bench(sdpa)
         except RuntimeError:
-            row[f"sdpa_{backend.name.lower()}_ms"] = None
+            row[field] = None
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(1, PREFILL_TOKENS, mode, key, value)
-        name = "int8" if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else "fp8"
+        name = _short_name(mode)
         row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
         row[f"{name}_over_sdpa_flash"] = row[f"{name}_ms"] / row["sdpa_flash_attention_ms"]
         row[f"{name}_over_sdpa_default"] = row[f"{name}_ms"] / row["sdpa_default_ms"]

@@ -125,8 +125,8 @@ def test_decode_at_scale(mode, batch, heads, kv_heads, kv_len):
     out = quantized_attention(query, key, value)
     for b in (0, batch - 1):
         exact_key, exact_value = (
-            QuantizedKV(kv.data[b : b + 1], kv.scale[b : b + 1], 0, kv_len, mode, torch.float32).dequantize()
-            for kv in (key, value))
+            dataclasses.replace(kv, data=kv.data[b : b + 1], scale=kv.scale[b : b + 1], dtype=torch.float32)
+            .dequantize() for kv in (key, value))
         expected = attention_reference(query[b : b + 1].float(), exact_key, exact_value)
         error = (out[b : b + 1].float() - expected).abs().max().item()
         assert error <= TOLERANCE[torch.bfloat16] * expected.abs().max().item(), (b, error)
