@@ -32,6 +32,8 @@ from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import rotate, unrotate
 
 _warned: set[str] = set()
+# The names under which transformers' models pass per-head attention-sink logits to an attention function.
+_SINK_ARGUMENTS = ("s_aux", "sinks")
 
 
 def _warn_once(reason: str) -> None:
@@ -84,6 +86,13 @@ def hf_kvquant_attention(
     heads, head_dim], None)`` out. ``key``/``value`` are `QuantizedKV` from `QuantizedPerTokenHeadCache`."""
     if dropout > 0.0:
         raise NotImplementedError(f"hf_kvquant attention is for inference: dropout={dropout} is not supported")
+    for name in _SINK_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            # Sink logits join the softmax denominator; dropping them would give silently wrong outputs.
+            raise NotImplementedError(
+                f"hf_kvquant attention does not support attention sinks yet (the model passed {name!r}, as gpt-oss "
+                "does); load the model with attn_implementation='eager' or 'sdpa': the quantized cache works with those"
+            )
     if attention_mask is not None and attention_mask.dim() == 4:
         # A ready-made 4D mask (custom masks): honour it exactly, through SDPA over dequantized tensors.
         _warn_once("a 4D attention mask was given; using SDPA over dequantized keys and values")

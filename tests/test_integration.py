@@ -101,3 +101,24 @@ def test_gemma3_sliding_window_layers_match_eager_past_the_window(mode):
     ours = _logits(model, ATTENTION_NAME, input_ids, attention_mask, mode, steps=30).log_softmax(-1)
     kl = (eager.exp() * (eager - ours)).sum(-1)
     assert kl.max().item() <= 1e-5, kl.max().item()
+
+
+def test_attention_sinks_are_refused_not_dropped():
+    """gpt-oss passes per-head sink logits (``s_aux``) that join the softmax denominator; until the kernel adds them,
+    the call is refused rather than answered without them."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=2,
+                          num_experts_per_tok=1, layer_types=["sliding_attention", "full_attention"],
+                          sliding_window=8)
+    model = GptOssForCausalLM(config).eval()
+    model.set_attn_implementation(ATTENTION_NAME)
+    cache = QuantizedPerTokenHeadCache(config=model.config)
+    with pytest.raises(NotImplementedError, match="attention sinks.*'s_aux'"):
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+    # With another attention implementation the same cache serves the model, sinks included.
+    model.set_attn_implementation("eager")
+    out = model(torch.tensor([[1, 2, 3]]), cache=QuantizedPerTokenHeadCache(config=model.config))
+    assert torch.isfinite(out.logits).all()
