@@ -1,18 +1,32 @@
-"""hf_kvquant: INT8/FP8 per-token-head KV-cache quantization for Hugging Face transformers."""
+"""hf_kvquant: INT8/FP8 per-token-head KV-cache quantization for Hugging Face transformers.
 
-from .attention import hf_kvquant_attention, register
-from .cache import QuantizedPerTokenHeadCache, QuantizedPerTokenHeadLayer, kv_cache_nbytes
-from .modes import KVQuantMode
+The public API is what this module exports (`__all__`); `hf_kvquant.evaluation` builds perplexity and lm-eval runs on
+it. Importing the package registers hf_kvquant's attention with transformers under `ATTENTION_NAME`. Triton is needed
+only for the CUDA kernels, imported on first use; without it everything runs the plain-PyTorch reference path.
+"""
+
+from .cache import (
+    QuantizedPerTokenHeadCache,
+    QuantizedPerTokenHeadLayer,
+    QuantizedPerTokenHeadSlidingWindowLayer,
+    kv_cache_nbytes,
+)
+from .integration import hf_kvquant_attention, register
+from .modes import KVQuantMode, ModeSpec
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
+from .rotation import hadamard_matrix
 
 register()
 
 __all__ = [
     "ATTENTION_NAME",
     "KVQuantMode",
+    "ModeSpec",
     "QuantizedKV",
     "QuantizedPerTokenHeadCache",
     "QuantizedPerTokenHeadLayer",
+    "QuantizedPerTokenHeadSlidingWindowLayer",
+    "hadamard_matrix",
     "hf_kvquant_attention",
     "kv_cache_nbytes",
 ]

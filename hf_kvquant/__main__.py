@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from . import KVQuantMode, QuantizedPerTokenHeadCache, kv_cache_nbytes
-from .models import DEFAULT_MODEL, load_model
+from .evaluation.models import DEFAULT_MODEL, load_model
 
 DEFAULT_PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "

@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, get_layer_types_and_kwargs
 
 from .modes import KVQuantMode
-from .ops.quantize import quantize_into
+from .ops import quantize_into
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import hadamard_matrix, rotate
 
@@ -70,42 +70,29 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedPerTokenHeadLayer(CacheLayerMixin):
-    """One layer's quantized keys and values; a sliding-window layer if ``sliding_window`` is given.
-
-    A sliding-window layer hands attention the last ``sliding_window - 1`` cached tokens plus the new
-    ones, as transformers' `DynamicSlidingWindowLayer` does, and drops older tokens lazily: only when
-    the buffer is full does it move the tokens still needed to the front (once per ~64 steps).
+    """One full-attention layer's quantized keys and values: every token stays, in slots ``[0, stored)``.
 
     With ``hadamard=True`` it stores ``quantize(x @ R)`` (`hf_kvquant.rotation`) and hands ``R`` over with the buffers.
     """
 
     is_compileable = False
     is_croppable = True
+    is_sliding = False
 
-    def __init__(
-        self,
-        mode: KVQuantMode | str,
-        sliding_window: int | None = None,
-        max_cache_len: int | None = None,
-        hadamard: bool = False,
-    ):
+    def __init__(self, mode: KVQuantMode | str, max_cache_len: int | None = None, hadamard: bool = False):
         super().__init__()
         self.mode = KVQuantMode.parse(mode)
         self.hadamard = _check_hadamard(hadamard)
-        self.sliding_window = sliding_window
-        self.is_sliding = sliding_window is not None
         self.max_cache_len = max_cache_len
         self.cumulative_length = 0  # tokens seen so far: the position of the next token
         self.stored = 0  # tokens in slots [0, stored), the last of them at position cumulative_length - 1
-        self.record_past = False  # set by generate for assisted decoding: keep what a later crop may need
-        self._rollback_base = 0  # cumulative_length at the last crop while recording the past
         self.key_data = self.key_scale = self.value_data = self.value_scale = None
 
+    def _describe(self) -> str:
+        return self.mode.value + (", hadamard=True" if self.hadamard else "")
+
     def __repr__(self) -> str:
-        window = f", sliding_window={self.sliding_window}" if self.is_sliding else ""
-        rotation = ", hadamard=True" if self.hadamard else ""
-        return (f"{type(self).__name__}({self.mode.value}{window}{rotation}, tokens={self.stored}, "
-                f"capacity={self.capacity})")
+        return f"{type(self).__name__}({self._describe()}, tokens={self.stored}, capacity={self.capacity})"
 
     # -- buffers -------------------------------------------------------------------------------------------
 
@@ -131,20 +118,25 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             return None
         return hadamard_matrix(self.key_data.shape[-1], self.device)
 
+    def _initial_capacity(self) -> int:
+        return self.max_cache_len or 0
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
         batch, heads, _, head_dim = key_states.shape
-        self._allocate(batch, heads, head_dim, 0 if self.is_sliding else (self.max_cache_len or 0))
+        self._allocate(batch, heads, head_dim, self._initial_capacity())
         self.is_initialized = True
 
     def _allocate(self, batch: int, heads: int, head_dim: int, capacity: int, drop: int = 0) -> None:
         """New buffers of ``capacity`` slots holding the stored tokens but the ``drop`` oldest."""
+        spec = self.mode.spec
+        codes_per_head = head_dim // spec.values_per_byte
         # All four buffers are built before any is replaced: an allocation failure changes nothing.
         new = (
-            torch.zeros(batch, heads, capacity, head_dim, dtype=self.mode.storage_dtype, device=self.device),
+            torch.zeros(batch, heads, capacity, codes_per_head, dtype=spec.storage_dtype, device=self.device),
             torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
-            torch.zeros(batch, heads, capacity, head_dim, dtype=self.mode.storage_dtype, device=self.device),
+            torch.zeros(batch, heads, capacity, codes_per_head, dtype=spec.storage_dtype, device=self.device),
             torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
         )
         for old, fresh in zip(self.buffers, new):
@@ -154,14 +146,11 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
 
     def _reallocate(self, capacity: int, drop: int = 0) -> None:
         batch, heads, _, head_dim = self.key_data.shape
-        self._allocate(batch, heads, head_dim, capacity, drop)
+        self._allocate(batch, heads, head_dim * self.mode.spec.values_per_byte, capacity, drop)
 
     def _tokens_to_keep(self) -> int:
         """How many of the stored tokens a future step (or rollback) can still need."""
-        if not self.is_sliding:
-            return self.stored
-        pending = self.cumulative_length - self._rollback_base if self.record_past else 0
-        return min(self.stored, self.sliding_window - 1 + pending)
+        return self.stored
 
     def _reserve(self, count: int) -> None:
         """Make room for ``count`` more tokens after the stored ones."""
@@ -169,19 +158,13 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             return
         drop = self.stored - self._tokens_to_keep()
         if drop > 0 and self.stored - drop + count <= self.capacity:
-            # Sliding window: move the tokens still needed to the front, in place.
+            # Move the tokens still needed to the front, in place.
             for t in self.buffers:
                 t = _as_bytes(t)
                 t[:, :, : self.stored - drop] = t[:, :, drop : self.stored].clone()
             self.stored -= drop
         else:
             self._reallocate(_grown_capacity(self.stored - drop + count), drop)
-
-    def _shrink_after_long_prefill(self) -> None:
-        # A sliding layer took a whole prompt longer than its window: give the memory back.
-        keep = self._tokens_to_keep()
-        if self.capacity > 2 * _grown_capacity(max(keep, self.sliding_window)):
-            self._reallocate(_grown_capacity(keep), self.stored - keep)
 
     # -- the Cache layer contract -------------------------------------------------------------------------
 
@@ -204,22 +187,28 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             raise ValueError(f"unsupported head_dim {head_dim}; accepted: {SUPPORTED_HEAD_DIMS}")
         if key_states.device != value_states.device:
             raise ValueError(f"key_states on {key_states.device} but value_states on {value_states.device}")
-        needed = self.stored + key_states.shape[-2]
-        if self.max_cache_len is not None and not self.is_sliding and needed > self.max_cache_len:
-            raise ValueError(f"{needed} tokens exceed this cache's max_cache_len={self.max_cache_len}")
+        self._check_room(key_states.shape[-2])
         if not self.is_initialized:
             return
         if key_states.device != self.device:
             raise ValueError(f"key/value states on {key_states.device}, but this layer's cache is on {self.device}")
-        batch, heads, _, cached_head_dim = self.key_data.shape
-        new_batch, new_heads, _, _ = key_states.shape
-        if (new_batch, new_heads, head_dim) != (batch, heads, cached_head_dim):
+        batch, heads, _, _ = self.key_data.shape
+        cached = (batch, heads, self.key_data.shape[-1] * self.mode.spec.values_per_byte)
+        if tuple(key_states.shape[:2]) + (head_dim,) != cached:
             raise ValueError(
-                f"key/value states of (batch, kv_heads, head_dim) = {(new_batch, new_heads, head_dim)} do not match "
-                f"the cache's {(batch, heads, cached_head_dim)}"
+                f"key/value states of (batch, kv_heads, head_dim) = {(*key_states.shape[:2], head_dim)} do not match "
+                f"the cache's {cached}"
             )
         if key_states.dtype != self.dtype:
             raise ValueError(f"key/value states are {key_states.dtype}, but this layer was filled with {self.dtype}")
+
+    def _check_room(self, count: int) -> None:
+        if self.max_cache_len is not None and self.stored + count > self.max_cache_len:
+            raise ValueError(f"{self.stored + count} tokens exceed this cache's max_cache_len={self.max_cache_len}")
+
+    def _past_visible(self) -> int:
+        """How many stored tokens the next forward pass attends to besides its own."""
+        return self.stored
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[QuantizedKV, QuantizedKV]:
         """Quantize and store ``[batch, kv_heads, tokens, head_dim]`` keys and values; return what attention sees
@@ -228,17 +217,14 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         count = key_states.shape[-2]
-        past_visible = min(self.cumulative_length, self.sliding_window - 1) if self.is_sliding else self.stored
+        past_visible = self._past_visible()
         self._reserve(count)
         slots = _slot_range(self.device, self.stored, count)
         rotation = self.rotation
         quantize_into(rotate(key_states, rotation), rotate(value_states, rotation), slots, *self.buffers, self.mode)
         self.stored += count
         self.cumulative_length += count
-        keys, values = self._view(self.stored - past_visible - count, self.stored)
-        if self.is_sliding:
-            self._shrink_after_long_prefill()  # the views above keep the old buffers alive for this step
-        return keys, values
+        return self._view(self.stored - past_visible - count, self.stored)
 
     def _view(self, start: int, end: int) -> tuple[QuantizedKV, QuantizedKV]:
         rotation = self.rotation
@@ -251,20 +237,11 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         return self.cumulative_length
 
     def get_max_length(self) -> int:
-        if self.is_sliding:
-            return self.sliding_window
         return -1 if self.max_cache_len is None else self.max_cache_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset) of the next forward pass: as transformers' Dynamic(SlidingWindow)Layer."""
-        if not self.is_sliding:
-            return self.cumulative_length + query_length, 0
-        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
-        return min(self.cumulative_length, self.sliding_window - 1) + query_length, kv_offset
-
-    def activate_past_recording(self) -> None:
-        self.record_past = True
-        self._rollback_base = self.cumulative_length
+        """(kv_length, kv_offset) of the next forward pass, as transformers' `DynamicLayer`."""
+        return self.cumulative_length + query_length, 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (a negative number, as in transformers 5); ``crop(0)`` keeps all."""
@@ -277,18 +254,16 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             return
         if count > self.cumulative_length:
             raise ValueError(f"cannot remove {count} tokens from a layer holding {self.cumulative_length}")
-        if self.is_sliding and self.stored - count < min(self.cumulative_length - count, self.sliding_window - 1):
-            raise RuntimeError(
-                f"cannot remove {count} tokens: this sliding-window layer no longer holds the tokens before them; "
-                "call activate_past_recording() before generating what you may roll back"
-            )
+        self._check_crop(count)
         self.stored -= count
         self.cumulative_length -= count
-        self._rollback_base = self.cumulative_length
+
+    def _check_crop(self, count: int) -> None:
+        """Raise if removing the last ``count`` tokens would leave the layer unable to serve the next step."""
 
     def reset(self) -> None:
         self.key_data = self.key_scale = self.value_data = self.value_scale = None
-        self.stored = self.cumulative_length = self._rollback_base = 0
+        self.stored = self.cumulative_length = 0
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -317,6 +292,75 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
 
     def prefetch(self):
         raise NotImplementedError("QuantizedPerTokenHeadCache does not offload layers to the CPU")
+
+
+class QuantizedPerTokenHeadSlidingWindowLayer(QuantizedPerTokenHeadLayer):
+    """One sliding-window layer's quantized keys and values (hybrid models such as Gemma 3).
+
+    It hands attention the last ``sliding_window - 1`` cached tokens plus the new ones, as transformers'
+    `DynamicSlidingWindowLayer` does, and drops older tokens lazily: only when the buffer is full does it move the
+    tokens still needed to the front (once per ~64 steps). For assisted decoding (`activate_past_recording`) it keeps
+    what a later `crop` may roll back to.
+    """
+
+    is_sliding = True
+
+    def __init__(self, mode: KVQuantMode | str, sliding_window: int, hadamard: bool = False):
+        super().__init__(mode, hadamard=hadamard)
+        self.sliding_window = sliding_window
+        self.record_past = False  # set by generate for assisted decoding: keep what a later crop may need
+        self._rollback_base = 0  # cumulative_length at the last crop while recording the past
+
+    def _describe(self) -> str:
+        return f"{super()._describe()}, sliding_window={self.sliding_window}"
+
+    def _initial_capacity(self) -> int:
+        return 0
+
+    def _tokens_to_keep(self) -> int:
+        pending = self.cumulative_length - self._rollback_base if self.record_past else 0
+        return min(self.stored, self.sliding_window - 1 + pending)
+
+    def _check_room(self, count: int) -> None:
+        pass  # a window needs no more than its own length, whatever the prompt
+
+    def _past_visible(self) -> int:
+        return min(self.cumulative_length, self.sliding_window - 1)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[QuantizedKV, QuantizedKV]:
+        keys, values = super().update(key_states, value_states)
+        # A whole prompt longer than the window: give the memory back (the views keep the old buffers for this step).
+        keep = self._tokens_to_keep()
+        if self.capacity > 2 * _grown_capacity(max(keep, self.sliding_window)):
+            self._reallocate(_grown_capacity(keep), self.stored - keep)
+        return keys, values
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the next forward pass, as transformers' `DynamicSlidingWindowLayer`."""
+        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        return min(self.cumulative_length, self.sliding_window - 1) + query_length, kv_offset
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+        self._rollback_base = self.cumulative_length
+
+    def _check_crop(self, count: int) -> None:
+        if self.stored - count < min(self.cumulative_length - count, self.sliding_window - 1):
+            raise RuntimeError(
+                f"cannot remove {count} tokens: this sliding-window layer no longer holds the tokens before them; "
+                "call activate_past_recording() before generating what you may roll back"
+            )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._rollback_base = self.cumulative_length
+
+    def reset(self) -> None:
+        super().reset()
+        self._rollback_base = 0
 
 
 class QuantizedPerTokenHeadCache(Cache):
@@ -358,19 +402,20 @@ class QuantizedPerTokenHeadCache(Cache):
             raise ValueError(f"max_cache_len must be a positive int or None; got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
         self.config = None if config is None else config.get_text_config(decoder=True)
-        new_layer = functools.partial(
+        full_layer = functools.partial(
             QuantizedPerTokenHeadLayer, self.mode, max_cache_len=max_cache_len, hadamard=self.hadamard
         )
         if self.config is None:
-            super().__init__(layer_class_to_replicate=new_layer)
+            super().__init__(layer_class_to_replicate=full_layer)
             return
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(self.config)
         layers = []
         for layer_type, kwargs in zip(layer_types, per_layer_kwargs):
             if layer_type == "full_attention":
-                layers.append(new_layer())
+                layers.append(full_layer())
             elif layer_type == "sliding_attention":
-                layers.append(new_layer(sliding_window=kwargs["sliding_window"]))
+                layers.append(QuantizedPerTokenHeadSlidingWindowLayer(
+                    self.mode, kwargs["sliding_window"], hadamard=self.hadamard))
             elif layer_type == "dummy":  # layers that reuse another layer's KV, or have no attention
                 layers.append(DummyLayer())
             else:

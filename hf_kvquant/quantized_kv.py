@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .modes import KVQuantMode
-from .ops.quantize import dequantize
+from .ops.reference import dequantize
 from .rotation import unrotate
 
 # The name under which hf_kvquant's attention is registered with transformers' AttentionInterface.

@@ -1,5 +1,6 @@
 """Shared fixtures. Without CUDA, Triton kernels run under the interpreter (set before anything imports triton)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -13,10 +14,13 @@ if not HAS_CUDA:
 WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-v1" / "wiki.test.raw"
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# The kernels' tests need Triton (a dependency on Linux); the package and the reference tests do not.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 
 
 def _load(name: str):
-    from hf_kvquant.models import load_model
+    from hf_kvquant.evaluation import load_model
 
     try:
         return load_model(name, dtype=torch.float32)

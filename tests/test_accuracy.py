@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_kvquant import QuantizedPerTokenHeadCache
-from hf_kvquant.evaluation import HADAMARD_SUFFIX, make_cache
+from hf_kvquant.evaluation import make_cache, parse_mode
 
 N_TOKENS = 2048
 PREFILL = 256
@@ -107,9 +107,10 @@ def rotation_metrics(smollm2, wikitext):
     metrics = {}
     with torch.no_grad():
         ref = model(ids, cache=DynamicCache(config=model.config), use_cache=True).logits.double().log_softmax(-1)
-        for name in [mode + suffix for mode in MODES for suffix in ("", HADAMARD_SUFFIX)]:
-            cache = make_cache(model, name)
-            assert cache.hadamard == name.endswith(HADAMARD_SUFFIX)
+        for cache_mode in [parse_mode(mode, hadamard) for mode in MODES for hadamard in (False, True)]:
+            name = cache_mode.name
+            cache = make_cache(model, cache_mode)
+            assert cache.hadamard == cache_mode.hadamard
             logprobs = model(ids, cache=cache, use_cache=True).logits.double().log_softmax(-1)
             assert torch.isfinite(logprobs).all(), name
             metrics[name] = {
@@ -125,7 +126,7 @@ def rotation_metrics(smollm2, wikitext):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_hadamard_rotation_at_least_as_accurate(rotation_metrics, mode):
-    plain, rotated = rotation_metrics[mode], rotation_metrics[mode + HADAMARD_SUFFIX]
+    plain, rotated = rotation_metrics[mode], rotation_metrics[parse_mode(mode, hadamard=True).name]
     figures = (f"{mode}: mean KL {rotated['kl']:.6f} rotated vs {plain['kl']:.6f} plain "
                f"(limit {MAX_ROTATED_KL_RATIO[mode]} x), top-1 agreement {rotated['top1']:.2%} vs {plain['top1']:.2%}")
     assert 0 < rotated["kl"] <= MAX_ROTATED_KL_RATIO[mode] * plain["kl"], figures

@@ -12,10 +12,12 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 
 from hf_kvquant import KVQuantMode, QuantizedKV, hf_kvquant_attention
-from hf_kvquant.attention import attend_quantized
-from hf_kvquant.ops.attention import attention_reference, quantized_attention
-from hf_kvquant.ops.quantize import quantize_reference
+from hf_kvquant.integration import attend_quantized
+from hf_kvquant.ops.reference import attention_reference, quantize_reference
 from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
+
+pytest.importorskip("triton", reason="the attention kernel's tests need Triton")
+from hf_kvquant.ops.attention_kernel import quantized_attention  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 QUERY_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if HAS_CUDA else [torch.float32]
@@ -137,7 +139,7 @@ def test_decode_at_scale(mode, batch, heads, kv_heads, kv_len):
 def test_split_launches_back_to_back(mode, q_len, kv_len, pads):
     """Long caches split across programs, merged by the last split of each row block, which resets its counter: the
     same workspace serves launch after launch, each equal to the reference, and leaves the counters at zero."""
-    from hf_kvquant.ops import attention
+    from hf_kvquant.ops import attention_kernel as attention
 
     for _ in range(3):
         _check(2, 4, 2, q_len, kv_len, 64, mode, pads=pads)

@@ -10,6 +10,8 @@ import copy
 
 import pytest
 import torch
+from conftest import requires_cuda
+from transformers import LlamaForCausalLM
 from transformers import DynamicCache, Gemma3TextConfig, LlamaConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -20,9 +22,10 @@ from hf_kvquant import (
     QuantizedKV,
     QuantizedPerTokenHeadCache,
     QuantizedPerTokenHeadLayer,
+    QuantizedPerTokenHeadSlidingWindowLayer,
     kv_cache_nbytes,
 )
-from hf_kvquant.ops.quantize import dequantize, quantize_reference
+from hf_kvquant.ops.reference import dequantize, quantize_reference
 from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
 
 MODES = list(KVQuantMode)
@@ -108,9 +111,10 @@ class TwinLayer:
     def __init__(self, mode, sliding_window=None, max_cache_len=None, hadamard=False):
         self.mode = KVQuantMode.parse(mode)
         self.hadamard = hadamard
-        self.ours = QuantizedPerTokenHeadLayer(
-            mode, sliding_window=sliding_window, max_cache_len=max_cache_len, hadamard=hadamard
-        )
+        if sliding_window is None:
+            self.ours = QuantizedPerTokenHeadLayer(mode, max_cache_len=max_cache_len, hadamard=hadamard)
+        else:
+            self.ours = QuantizedPerTokenHeadSlidingWindowLayer(mode, sliding_window, hadamard=hadamard)
         self.hf = DynamicLayer() if sliding_window is None else DynamicSlidingWindowLayer(sliding_window)
 
     def check_mask_sizes(self, *query_lengths):
@@ -333,7 +337,7 @@ def test_cache_matches_dynamic_cache_on_hybrid_config(mode, hadamard):
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_sliding_layer_returns_last_kv_length_tokens_written(mode):
     window = 5
-    layer = QuantizedPerTokenHeadLayer(mode, sliding_window=window)
+    layer = QuantizedPerTokenHeadSlidingWindowLayer(mode, window)
     tokens = Tokens(batch=1, heads=2, seed=5)
     all_k, all_v = [], []
     for n in [12, 1, 1, 2, 1, 6] + [1] * 150:
@@ -353,7 +357,7 @@ def test_sliding_layer_returns_last_kv_length_tokens_written(mode):
 
 
 def test_long_prefill_on_sliding_layer_gives_memory_back():
-    layer = QuantizedPerTokenHeadLayer("int8_per_token_head", sliding_window=8)
+    layer = QuantizedPerTokenHeadSlidingWindowLayer("int8_per_token_head", 8)
     k, v = Tokens(batch=1, heads=1, seed=6)(1000)
     ok, ov = as_tensors(layer.update(k, v))
     assert ok.shape[-2] == 1000  # the whole prompt attends
@@ -580,7 +584,7 @@ def test_sliding_recording_many_forwards_then_one_long_crop(mode):
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_sliding_crop_without_recording_beyond_what_is_held_raises(mode):
     window = 4
-    layer = QuantizedPerTokenHeadLayer(mode, sliding_window=window)
+    layer = QuantizedPerTokenHeadSlidingWindowLayer(mode, window)
     tokens = Tokens(batch=1, heads=1, seed=14)
     layer.update(*tokens(300))  # a long prefill: only the window - 1 last tokens are kept
     assert layer.stored == window - 1
@@ -597,7 +601,7 @@ def test_sliding_crop_without_recording_beyond_what_is_held_raises(mode):
 def test_sliding_crop_without_recording_of_tokens_still_held(mode):
     # Within the slack the layer still holds, a crop is exact even without recording.
     window = 4
-    layer = QuantizedPerTokenHeadLayer(mode, sliding_window=window)
+    layer = QuantizedPerTokenHeadSlidingWindowLayer(mode, window)
     tokens = Tokens(batch=1, heads=1, seed=15)
     written = []
     for n in (2, 1, 1, 1, 1, 1):
@@ -758,9 +762,11 @@ def test_config_with_sliding_layers():
         assert isinstance(layer, QuantizedPerTokenHeadLayer)
         assert layer.mode is KVQuantMode.FP8_PER_TOKEN_HEAD
         if layer_type == "sliding_attention":
+            assert isinstance(layer, QuantizedPerTokenHeadSlidingWindowLayer)
             assert layer.is_sliding and layer.sliding_window == 6 and layer.get_max_length() == 6
         else:
-            assert not layer.is_sliding and layer.sliding_window is None and layer.get_max_length() == -1
+            assert type(layer) is QuantizedPerTokenHeadLayer
+            assert not layer.is_sliding and layer.get_max_length() == -1
     assert cache.is_sliding == [t == "sliding_attention" for t in types]
 
 
@@ -958,3 +964,30 @@ def test_kv_cache_nbytes_on_dynamic_cache():
     lazy = DynamicCache()
     lazy.update(*tokens(5), 0)
     assert kv_cache_nbytes(lazy) == 2 * (2 * 1 * 5 * 64 * 2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+def test_cache_on_cuda_matches_cpu_reference_in_generate(mode):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = LlamaForCausalLM(config).eval()
+    prompt = torch.randint(0, 128, (2, 50))
+    caches = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        cache = QuantizedPerTokenHeadCache(config=m.config, mode=mode)
+        with torch.no_grad():
+            m(prompt.to(device), cache=cache)
+            m(prompt[:, :3].to(device), cache=cache)  # a continuation chunk
+        caches[device] = cache
+    for cpu_layer, gpu_layer in zip(caches["cpu"].layers, caches["cuda"].layers):
+        assert gpu_layer.key_data.is_cuda
+        assert cpu_layer.stored == gpu_layer.stored == 53
+        # The projections differ in the last bits between CPU and GPU matmuls, so compare dequantized values.
+        for data, scale in (("key_data", "key_scale"), ("value_data", "value_scale")):
+            c = getattr(cpu_layer, data)[:, :, :53].float() * getattr(cpu_layer, scale)[:, :, :53, None]
+            g = getattr(gpu_layer, data)[:, :, :53].float().cpu() * getattr(gpu_layer, scale)[:, :, :53, None].cpu()
+            tolerance = 0.02 if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else 0.1
+            assert (c - g).abs().max() <= tolerance * c.abs().max()

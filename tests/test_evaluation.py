@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_kvquant.data import is_document_title, wikitext_documents
 from hf_kvquant import KVQuantMode, QuantizedPerTokenHeadCache
+from hf_kvquant.evaluation.data import is_document_title, wikitext_documents
 from hf_kvquant.evaluation import (
     ACCEPTED_MODES,
     ALL_MODES,
@@ -112,22 +112,35 @@ def test_quantized_cache_really_in_the_loop(guard_results):
 
 
 def test_mode_names_round_trip():
-    assert ALL_MODES == (UNQUANTIZED, INT8, FP8)  # the default comparison; the rotated modes are opt-in
-    assert ACCEPTED_MODES == (*ALL_MODES, INT8 + "+hadamard", FP8 + "+hadamard")
+    assert ALL_MODES == (UNQUANTIZED, INT8, FP8)  # the default comparison
+    assert ACCEPTED_MODES == (UNQUANTIZED, INT8, FP8, "int8", "fp8")  # one vocabulary: KVQuantMode's names
     for name in ACCEPTED_MODES:
-        assert parse_mode(name).name == name
         assert parse_mode(parse_mode(name)) == parse_mode(name)
+        assert parse_mode(name).name in ALL_MODES
     assert parse_mode(None) == parse_mode(UNQUANTIZED) == CacheMode(None)
-    assert parse_mode(KVQuantMode.FP8_PER_TOKEN_HEAD) == CacheMode(KVQuantMode.FP8_PER_TOKEN_HEAD, hadamard=False)
-    assert parse_mode(INT8 + "+hadamard") == CacheMode(KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True)
+    assert parse_mode("fp8") == parse_mode(KVQuantMode.FP8_PER_TOKEN_HEAD) == CacheMode(KVQuantMode.FP8_PER_TOKEN_HEAD)
+    # The rotation is switched on one way: the hadamard argument, never a name.
+    rotated = parse_mode("int8", hadamard=True)
+    assert rotated == CacheMode(KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True) and rotated.name == INT8 + "+hadamard"
+    assert parse_mode(rotated) == rotated
 
 
-@pytest.mark.parametrize("bad", ["int4", "unquantized+hadamard", "int8_per_token_head+", "+hadamard", "hadamard", 8])
+@pytest.mark.parametrize("bad", ["int4", "int8_per_token_head+hadamard", "int8+hadamard", "hadamard", "", 8])
 def test_unknown_mode_lists_the_accepted_names(bad):
-    with pytest.raises(ValueError, match="unknown mode") as excinfo:
+    with pytest.raises(ValueError, match=f"unknown mode {bad!r}".replace("+", r"\+")) as excinfo:
         parse_mode(bad)
     for name in ACCEPTED_MODES:
         assert repr(name) in str(excinfo.value)
+
+
+@pytest.mark.parametrize("mode, hadamard, message", [
+    (UNQUANTIZED, True, "hadamard=True needs a quantized mode"),
+    (None, True, "hadamard=True needs a quantized mode"),
+    (INT8, "yes", "hadamard must be True or False; got 'yes'"),
+])
+def test_bad_hadamard_is_refused(mode, hadamard, message):
+    with pytest.raises(ValueError, match=message):
+        parse_mode(mode, hadamard)
 
 
 def test_make_cache_builds_the_rotated_cache():
@@ -139,9 +152,11 @@ def test_make_cache_builds_the_rotated_cache():
 
     assert type(make_cache(Model, UNQUANTIZED)) is DynamicCache
     for name in ACCEPTED_MODES[1:]:
-        cache = make_cache(Model, name)
-        assert isinstance(cache, QuantizedPerTokenHeadCache)
-        assert cache.mode.value == name.removesuffix("+hadamard") and cache.hadamard == name.endswith("+hadamard")
+        for hadamard in (False, True):
+            cache = make_cache(Model, name, hadamard=hadamard)
+            assert isinstance(cache, QuantizedPerTokenHeadCache)
+            assert cache.mode is KVQuantMode.parse(name) and cache.hadamard == hadamard
+    assert make_cache(Model, "int8", max_cache_len=64).max_cache_len == 64
 
 
 @pytest.mark.slow
@@ -149,7 +164,8 @@ def test_perplexity_runner_runs_the_rotated_mode(smollm2, slice_ids, monkeypatch
     # Only that the name reaches the runner's cache and result; the rotation's accuracy is tested in test_accuracy.py.
     built = []
     monkeypatch.setattr(QuantizedPerTokenHeadCache, "__init__", _spy_init(built))
-    r = perplexity(smollm2[0], slice_ids[:65], INT8 + "+hadamard", context_length=33, stride=32, progress=False)
+    rotated = parse_mode(INT8, hadamard=True)
+    r = perplexity(smollm2[0], slice_ids[:65], rotated, context_length=33, stride=32, progress=False)
     assert r.mode == INT8 + "+hadamard" and r.tokens == 64 and 1 < r.perplexity < 1000
     assert built == [(KVQuantMode.INT8_PER_TOKEN_HEAD, True)] * 2  # one fresh cache per window
 
@@ -171,7 +187,7 @@ def _spy_init(built):
 def kvquant_lm(smollm2):
     """A factory of `KVQuantLM` around the already loaded SmolLM2 (no second load)."""
     pytest.importorskip("lm_eval")
-    from hf_kvquant.lm_eval_model import KVQuantLM
+    from hf_kvquant.evaluation.lm_eval_model import KVQuantLM
 
     model, tok = smollm2
 
@@ -185,16 +201,16 @@ def test_lm_eval_model_registered():
     pytest.importorskip("lm_eval")
     from lm_eval.api.registry import get_model
 
-    from hf_kvquant.lm_eval_model import KVQuantLM
+    from hf_kvquant.evaluation.lm_eval_model import KVQuantLM
 
     assert get_model("hf_kvquant") is KVQuantLM
 
 
 def test_lm_eval_model_rejects_unknown_mode():
     pytest.importorskip("lm_eval")
-    from hf_kvquant.lm_eval_model import KVQuantLM
+    from hf_kvquant.evaluation.lm_eval_model import KVQuantLM
 
-    with pytest.raises(ValueError, match="unknown kv_cache_dtype 'int4'.*int8_per_token_head"):
+    with pytest.raises(ValueError, match="hf_kvquant model_args: unknown mode 'int4'.*int8_per_token_head"):
         KVQuantLM(pretrained="smollm2", kv_cache_dtype="int4")  # checked before anything is loaded
 
 
@@ -202,19 +218,21 @@ def test_lm_eval_model_hadamard_argument(kvquant_lm, smollm2):
     pytest.importorskip("lm_eval")
     from lm_eval.api.registry import get_model
 
-    from hf_kvquant.lm_eval_model import KVQuantLM
+    from hf_kvquant.evaluation.lm_eval_model import KVQuantLM
 
     model, tok = smollm2
-    for kwargs in ({"kv_cache_dtype": INT8, "hadamard": True}, {"kv_cache_dtype": INT8 + "+hadamard"}):
+    for kwargs in ({"kv_cache_dtype": INT8, "hadamard": True}, {"kv_cache_dtype": "int8", "hadamard": True}):
         lm = KVQuantLM(pretrained=model, tokenizer=tok, max_length=WINDOW, **kwargs)
         assert lm.kv_cache_dtype == INT8 + "+hadamard" and lm.get_model_info()["kv_cache_dtype"] == lm.kv_cache_dtype
         cache = lm.new_cache()
         assert cache.hadamard and cache.mode.value == INT8
     assert not kvquant_lm(FP8).new_cache().hadamard
     # checked before anything is loaded; "hadamard=true" on the command line arrives as a bool
-    with pytest.raises(ValueError, match="hadamard=true needs a quantized kv_cache_dtype"):
+    with pytest.raises(ValueError, match="hadamard=True needs a quantized mode"):
         get_model("hf_kvquant").create_from_arg_string("pretrained=smollm2,kv_cache_dtype=unquantized,hadamard=true")
-    with pytest.raises(ValueError, match="hadamard must be true or false"):
+    with pytest.raises(ValueError, match="unknown mode 'int8_per_token_head\\+hadamard'"):
+        KVQuantLM(pretrained="smollm2", kv_cache_dtype=INT8 + "+hadamard")  # one way to rotate: hadamard=true
+    with pytest.raises(ValueError, match="hadamard must be True or False"):
         KVQuantLM(pretrained="smollm2", kv_cache_dtype=INT8, hadamard="maybe")
 
 
@@ -379,17 +397,17 @@ def test_cli_exit_status_in_a_real_process(tmp_path):
 
 
 def test_lm_eval_command_line_finds_the_model_type(tmp_path):
-    """``python -m hf_kvquant.lm_eval_model`` is lm-eval's command line with ``hf_kvquant`` registered: the model type
+    """``python -m hf_kvquant.evaluation.lm_eval_model`` is lm-eval's command line with ``hf_kvquant`` registered: the model type
     is found and its arguments checked (a bad ``kv_cache_dtype`` fails before any model is loaded)."""
     pytest.importorskip("lm_eval")
     proc = subprocess.run(
-        [sys.executable, "-m", "hf_kvquant.lm_eval_model", "--model", "hf_kvquant",
+        [sys.executable, "-m", "hf_kvquant.evaluation.lm_eval_model", "--model", "hf_kvquant",
          "--model_args", "pretrained=smollm2,kv_cache_dtype=int4", "--include_path", str(TASKS),
          "--tasks", "wikitext_local", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
     )
     assert proc.returncode != 0
-    assert "unknown kv_cache_dtype 'int4'" in proc.stderr, proc.stderr[-2000:]
+    assert "unknown mode 'int4'" in proc.stderr, proc.stderr[-2000:]
     assert "Unknown model" not in proc.stderr
 
 
@@ -419,7 +437,7 @@ def test_hub_text_equals_the_local_file(wikitext, monkeypatch):
     """``hf:`` sources join the dataset's rows as they are (non-empty rows end with their newline), which gives the
     local file back from the hub's row layout (empty rows between paragraphs)."""
     datasets = pytest.importorskip("datasets")
-    from hf_kvquant.data import load_text
+    from hf_kvquant.evaluation.data import load_text
 
     rows = [line + "\n" for line in wikitext.split("\n")[:-1]]
     hub_rows = [r for row in rows for r in ("", row)]

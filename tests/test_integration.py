@@ -2,18 +2,19 @@
 ``attn_implementation=ATTENTION_NAME`` against transformers' eager attention over the same quantized cache.
 
 On CPU the registered function takes its plain-PyTorch path (the Triton kernel itself is held to the reference in
-test_attention.py, and inside model code on the GPU in test_gpu.py)."""
+test_attention.py; inside model code it runs on the GPU below)."""
 
 import warnings
 
 import pytest
 import torch
+from conftest import requires_cuda
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import hf_kvquant
 from hf_kvquant import ATTENTION_NAME, KVQuantMode, QuantizedPerTokenHeadCache
-from hf_kvquant import attention as attention_module
+from hf_kvquant import integration as attention_module
 
 
 def test_registered_under_one_name():
@@ -122,3 +123,43 @@ def test_attention_sinks_are_refused_not_dropped():
     model.set_attn_implementation("eager")
     out = model(torch.tensor([[1, 2, 3]]), cache=QuantizedPerTokenHeadCache(config=model.config))
     assert torch.isfinite(out.logits).all()
+
+
+def _teacher_forced_logprobs(model, tokens, attn_implementation, mode, hadamard=False):
+    """Prefill 40 tokens, then feed the rest one token per step, with the quantized cache in the loop."""
+    model.set_attn_implementation(attn_implementation)
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode=mode, hadamard=hadamard)
+    with torch.no_grad():
+        logits = [model(tokens[:, :40], cache=cache).logits]
+        for i in range(40, tokens.shape[1]):
+            logits.append(model(tokens[:, i : i + 1], cache=cache).logits)
+    return torch.cat(logits, dim=1).float().log_softmax(-1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("hadamard", [False, True], ids=["plain", "hadamard"])
+def test_registered_attention_matches_eager_in_the_model(mode, arch, hadamard):
+    """The Triton attention inside real model code (GQA; Gemma 3's sliding window, scaling) against transformers'
+    eager attention over the same quantized cache, teacher-forced past the window. With ``hadamard`` the kernel reads
+    rotated K/V with a rotated query, eager the un-rotated dequantized copies."""
+    import hf_kvquant
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                             num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+        model = LlamaForCausalLM(config)
+    else:
+        config = Gemma3TextConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=16,
+                                  layer_types=["sliding_attention"] * 3 + ["full_attention"])
+        model = Gemma3ForCausalLM(config)
+    model = model.cuda().eval()
+    tokens = torch.randint(0, 256, (2, 90), device="cuda")
+    eager = _teacher_forced_logprobs(model, tokens, "eager", mode, hadamard)
+    ours = _teacher_forced_logprobs(model, tokens, hf_kvquant.ATTENTION_NAME, mode, hadamard)
+    kl = (eager.exp() * (eager - ours)).sum(-1)
+    assert kl.max().item() <= 5e-3, kl.max().item()

@@ -105,7 +105,7 @@ def test_notebook_executes(tmp_path, monkeypatch, wikitext):
         from nbclient import NotebookClient
     except ImportError as e:
         _skip_unless_ci(f"executing the notebook needs nbclient, nbformat and ipykernel (the dev extra): {e}")
-    from hf_kvquant.models import resolve_model
+    from hf_kvquant.evaluation.models import resolve_model
 
     try:
         resolve_model("smollm2")

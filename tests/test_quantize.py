@@ -3,17 +3,16 @@ and the Triton kernel (run under the interpreter on CPU) against the reference, 
 
 import pytest
 import torch
+from conftest import HAS_TRITON, requires_cuda, requires_triton
 
-import hf_kvquant.ops.quantize as qmod
+import hf_kvquant.ops as ops
 from hf_kvquant import KVQuantMode
 from hf_kvquant.modes import SCALE_FLOOR
-from hf_kvquant.ops.quantize import (
-    dequantize,
-    quantize_into,
-    quantize_into_reference,
-    quantize_into_triton,
-    quantize_reference,
-)
+from hf_kvquant.ops import quantize_into
+from hf_kvquant.ops.reference import dequantize, quantize_into_reference, quantize_reference
+
+if HAS_TRITON:
+    from hf_kvquant.ops.quantize_kernel import quantize_into_triton
 
 INT8 = KVQuantMode.INT8_PER_TOKEN_HEAD
 FP8 = KVQuantMode.FP8_PER_TOKEN_HEAD
@@ -303,6 +302,7 @@ def _special_kv(batch, tokens, heads, head_dim, dtype, mode, seed):
     return out
 
 
+@requires_triton
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 @pytest.mark.parametrize("dtype", IN_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
@@ -336,6 +336,7 @@ def test_triton_kernel_matches_reference_bytes(mode, dtype, head_dim):
         assert (scale[:, :, slots] != SENTINEL_SCALE).all()
 
 
+@requires_triton
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_kernel_head_dim_not_contiguous(mode, dtype):
@@ -354,6 +355,7 @@ def test_triton_kernel_head_dim_not_contiguous(mode, dtype):
         assert torch.equal(_bytes(r), _bytes(t))
 
 
+@requires_triton
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 @pytest.mark.parametrize("tokens", [1, 2, 5])
 def test_triton_kernel_decode_sized_writes(mode, tokens):
@@ -372,6 +374,7 @@ def test_triton_kernel_decode_sized_writes(mode, tokens):
     assert (tri[1][:, :, : capacity - tokens] == SENTINEL_SCALE).all()
 
 
+@requires_triton
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_triton_kernel_zero_tokens_writes_nothing(mode):
     bufs = _sentinel_buffers(1, 2, 4, 64, mode, seed=14)
@@ -389,10 +392,10 @@ def test_triton_kernel_zero_tokens_writes_nothing(mode):
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_quantize_into_uses_reference_on_cpu(mode, monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("the Triton kernel must not run on CPU tensors")
+    def boom():
+        raise AssertionError("the Triton kernels must not be looked up for CPU tensors")
 
-    monkeypatch.setattr(qmod, "quantize_into_triton", boom)
+    monkeypatch.setattr(ops, "cuda_kernels", boom)
     key, value = _special_kv(1, 4, 2, 64, torch.float32, mode, seed=15)
     slots = torch.tensor([1, 3, 0, 5])
     got = _sentinel_buffers(1, 2, 6, 64, mode, seed=16)
@@ -402,3 +405,41 @@ def test_quantize_into_uses_reference_on_cpu(mode, monkeypatch):
     for g_, e in zip(got, expected):
         assert torch.equal(_bytes(g_), _bytes(e))
     assert (got[1][:, :, slots] != SENTINEL_SCALE).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a CUDA GPU: the kernel natively, bf16/fp16 inputs and FP8 bit patterns included
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cuda_buffers(batch, heads, capacity, head_dim, mode, device):
+    data = [torch.full((batch, heads, capacity, head_dim), 7, dtype=torch.uint8, device=device).view(mode.storage_dtype)
+            for _ in range(2)]
+    scales = [torch.full((batch, heads, capacity), -1.0, device=device) for _ in range(2)]
+    return data[0], scales[0], data[1], scales[1]
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("tokens", [1, 37, 1000])
+def test_kernel_bytes_equal_reference(mode, dtype, head_dim, tokens):
+    torch.manual_seed(tokens + head_dim)
+    batch, heads, capacity = 3, 4, tokens + 16
+    # [batch, tokens, heads, head_dim] viewed transposed, as transformers hands them over; a wide range of magnitudes.
+    key = (torch.randn(batch, tokens, heads, head_dim) * torch.logspace(-3, 3, tokens)[None, :, None, None]).transpose(1, 2)
+    value = torch.randn(batch, heads, tokens, head_dim)
+    key[0, 1, 0] = 0.0  # an all-zero token-head
+    key, value = key.to(dtype), value.to(dtype)
+    slots = torch.randperm(capacity)[:tokens]
+    expected = _cuda_buffers(batch, heads, capacity, head_dim, mode, "cpu")
+    quantize_into_reference(key, value, slots, *expected, mode)
+    got = _cuda_buffers(batch, heads, capacity, head_dim, mode, "cuda")
+    quantize_into_triton(key.cuda(), value.cuda(), slots.cuda(), *got, mode)
+    for e, g in zip(expected, got):
+        g = g.cpu()
+        if e.dtype == torch.float32:
+            assert torch.equal(e, g)
+        else:
+            assert torch.equal(e.view(torch.uint8), g.view(torch.uint8))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_kvquant import KVQuantMode, QuantizedPerTokenHeadCache, QuantizedPerTokenHeadLayer
-from hf_kvquant.ops.quantize import quantize_reference
+from hf_kvquant.ops.reference import quantize_reference
 from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
 
 MODES = list(KVQuantMode)

@@ -1,24 +1,33 @@
-"""Launching Triton kernels with little host time.
+"""Launching Triton kernels with little host time, for eager decoding.
 
-Eager decoding calls each kernel once per layer and step, and there the host, not the GPU, sets the
-pace: Triton's ``kernel[grid](...)`` spends 30-50 µs of Python per call binding and specialising
-arguments (measured on an H100/H200 host, triton 3.6), as long as the attention kernel itself takes
-at small batches. `Launcher` does that work once per specialisation: the first call goes through
-Triton and keeps the compiled kernel it returns; later calls with the same specialisation key hand
-the arguments straight to that kernel's launcher (skipping ``compiled[grid]``'s per-call stream
-lookup and launch-metadata dict too, unless a launch hook such as a profiler's is installed).
+Eager decoding calls each kernel once per layer and step, and there the host, not the GPU, sets the pace: Triton's
+``kernel[grid](...)`` binds and specialises every argument in Python on every call. `Launcher` does that once per
+specialisation: the first call goes through ``kernel[grid]`` and keeps the compiled kernel it returns; later calls
+with the same specialisation key hand the arguments straight to that kernel's launcher.
+
+That shortcut calls ``CompiledKernel.run``, whose argument order is Triton's own and not public API, so it is taken
+only on the Triton versions it was checked on (`FAST_LAUNCH_TRITON`) and when no launch hook (a profiler's) is
+installed. Elsewhere every call goes through the public ``kernel[grid](...)``: slower on the host, the same on the GPU.
+A compiled decode step (CUDA graphs) replays launches without any of this.
 
 The key holds the device and everything Triton specialises a compiled kernel on: each tensor's dtype and 16-byte
-alignment, each integer's divisibility by 16, equality to 1 and width (i32/i64), and the constexprs
-and launch options. Under the interpreter (`TRITON_INTERPRET=1`) nothing is compiled and every call
-goes through Triton.
+alignment, each integer's divisibility by 16, equality to 1 and width (i32/i64), and the constexprs and launch options.
 """
 
 from __future__ import annotations
 
 import torch
-from triton import knobs
+import triton
 from triton.runtime import driver
+
+# Triton versions (major, minor) whose CompiledKernel.run takes (grid x, y, z, stream, function, packed metadata,
+# launch metadata, enter hook, exit hook, *args), the order `Launcher` passes.
+FAST_LAUNCH_TRITON = ((3, 6),)
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _specialisation_key(args) -> tuple:
@@ -44,21 +53,24 @@ def _specialisation_key(args) -> tuple:
     return tuple(key)
 
 
-def _idle(hook) -> bool:
-    """A launch hook that does nothing: None, or (triton >= 3.5) an empty HookChain."""
-    return hook is None or not getattr(hook, "calls", True)
+def _hooks_idle() -> bool:
+    """No launch hook installed: each is None, or an empty HookChain."""
+    runtime = triton.knobs.runtime
+    return all(hook is None or not getattr(hook, "calls", True)
+               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
 
 
 class Launcher:
-    """``Launcher(kernel)(grid, args, constexprs, **options)`` launches ``kernel[grid](*args, **constexprs, **options)``.
+    """``Launcher(kernel)(grid, args, constexprs, **options)`` is ``kernel[grid](*args, **constexprs, **options)``.
 
     ``args`` are the kernel's runtime arguments in signature order, the first a tensor on the device to launch on;
     ``constexprs`` the remaining parameters, all of them, which must come after the runtime arguments in the signature
     (as in this package's kernels).
     """
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, fast: bool | None = None):
         self.kernel = kernel
+        self.fast = _triton_version() in FAST_LAUNCH_TRITON if fast is None else fast
         self._compiled = {}
 
     def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict, **options) -> None:
@@ -67,20 +79,17 @@ class Launcher:
             # Triton launches on the current device (a model split over GPUs in one process, device_map).
             with torch.cuda.device(device):
                 return self(grid, args, constexprs, **options)
-        key = (device, _specialisation_key(args), *constexprs.values(), *options.items())
+        key = (device, _specialisation_key(args), *constexprs.values(), *options.items()) if self.fast else None
         compiled = self._compiled.get(key)
-        if compiled is not None:
+        if compiled is not None and _hooks_idle():
             grid = (*grid, 1, 1)
-            if _idle(knobs.runtime.launch_enter_hook) and _idle(knobs.runtime.launch_exit_hook):
-                # What compiled[grid](...) does, less its per-call lookups (no launch hooks to call here).
-                compiled.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device.index),
-                             compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs.values())
-            else:
-                compiled[grid[:3]](*args, *constexprs.values())
+            stream = driver.active.get_current_stream(device.index)
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
+                         None, *args, *constexprs.values())
             return
         names = self.kernel.arg_names[len(args):]
         if list(constexprs) != names:
             raise TypeError(f"constexprs must be {names} in this order; got {list(constexprs)}")
         compiled = self.kernel[grid](*args, **constexprs, **options)
-        if hasattr(compiled, "packed_metadata"):  # a CompiledKernel (not the interpreter's return value)
+        if self.fast and hasattr(compiled, "packed_metadata"):  # a CompiledKernel (not the interpreter's result)
             self._compiled[key] = compiled

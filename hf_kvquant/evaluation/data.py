@@ -24,7 +24,7 @@ def local_wikitext_path() -> Path | None:
     choice is not silently replaced), else ``../shared/data/...`` beside the repository if it exists, else None."""
     if os.environ.get(WIKITEXT_ENV):
         return Path(os.environ[WIKITEXT_ENV])
-    candidate = (Path(__file__).resolve().parents[1] / _REPO_RELATIVE_WIKITEXT).resolve()
+    candidate = (Path(__file__).resolve().parents[2] / _REPO_RELATIVE_WIKITEXT).resolve()
     return candidate if candidate.is_file() else None
 
 

@@ -9,59 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
-from .cache import QuantizedPerTokenHeadCache
-from .modes import KVQuantMode
-
-UNQUANTIZED = "unquantized"
-# Appended to a quantization mode's name: the same cache with ``hadamard=True`` (`hf_kvquant.rotation`).
-HADAMARD_SUFFIX = "+hadamard"
-# The caches compared by default: the unquantized reference, then each quantization mode.
-ALL_MODES = (UNQUANTIZED, *(m.value for m in KVQuantMode))
-# Every mode name accepted: the above, then each quantization mode with the Hadamard rotation.
-ACCEPTED_MODES = (*ALL_MODES, *(m.value + HADAMARD_SUFFIX for m in KVQuantMode))
-
-
-class CacheMode(NamedTuple):
-    """The cache a mode name stands for; ``quantization`` None is transformers' unquantized `DynamicCache`."""
-
-    quantization: KVQuantMode | None
-    hadamard: bool = False
-
-    @property
-    def name(self) -> str:
-        """The mode's name, one of `ACCEPTED_MODES` (e.g. ``"int8_per_token_head+hadamard"``)."""
-        base = UNQUANTIZED if self.quantization is None else self.quantization.value
-        return base + HADAMARD_SUFFIX if self.hadamard else base
-
-
-def parse_mode(mode: CacheMode | KVQuantMode | str | None) -> CacheMode:
-    """A name from `ACCEPTED_MODES`, a `KVQuantMode`, or None (unquantized) -> `CacheMode`; anything else raises a
-    `ValueError` listing the accepted names."""
-    if isinstance(mode, CacheMode):
-        return mode
-    if isinstance(mode, KVQuantMode):
-        return CacheMode(mode)
-    if mode is None or mode == UNQUANTIZED:
-        return CacheMode(None)
-    if isinstance(mode, str) and mode in ACCEPTED_MODES:
-        base, suffix, _ = mode.partition(HADAMARD_SUFFIX)
-        return CacheMode(KVQuantMode(base), hadamard=bool(suffix))
-    raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(repr(m) for m in ACCEPTED_MODES)}")
-
-
-def make_cache(model, mode: CacheMode | KVQuantMode | str | None):
-    """A fresh cache for ``model``: `DynamicCache` when unquantized, else `QuantizedPerTokenHeadCache` (with
-    ``hadamard=True`` for the ``+hadamard`` modes)."""
-    mode = parse_mode(mode)
-    if mode.quantization is None:
-        return DynamicCache(config=model.config)
-    return QuantizedPerTokenHeadCache(config=model.config, mode=mode.quantization, hadamard=mode.hadamard)
+from .caches import make_cache, parse_mode
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -103,7 +55,7 @@ class PerplexityResult:
 def perplexity(
     model,
     input_ids: torch.Tensor,
-    mode: KVQuantMode | str | None = None,
+    mode=None,
     context_length: int = 1024,
     stride: int | None = None,
     progress: bool = True,
@@ -111,8 +63,9 @@ def perplexity(
     """Token perplexity of ``input_ids`` (1-D) with sliding windows of ``context_length`` tokens moved by
     ``stride`` (default: ``context_length``, disjoint windows); each window scores only the tokens no earlier
     window scored, so with ``stride < context_length`` every scored token has at least
-    ``context_length - stride`` tokens of context."""
-    mode_name = parse_mode(mode).name
+    ``context_length - stride`` tokens of context. ``mode`` is any name `parse_mode` accepts, or a `CacheMode` (for the
+    Hadamard rotation: ``parse_mode("int8", hadamard=True)``)."""
+    mode = parse_mode(mode)
     stride = context_length if stride is None else stride
     if not 0 < stride <= context_length:
         raise ValueError(f"stride must be in [1, context_length={context_length}]; got {stride}")
@@ -123,7 +76,7 @@ def perplexity(
     total = input_ids.numel()
     nll_sum, scored, scored_until = 0.0, 0, 1  # the first token has no prediction
     starts = range(0, total - 1, stride)
-    for begin in tqdm(starts, desc=f"perplexity {mode_name}", disable=not progress, leave=False):
+    for begin in tqdm(starts, desc=f"perplexity {mode.name}", disable=not progress, leave=False):
         end = min(begin + context_length, total)
         window = input_ids[begin:end]
         logits = model(window[None], cache=make_cache(model, mode), use_cache=True).logits[0].float()
@@ -137,4 +90,4 @@ def perplexity(
         scored_until = end
         if end == total:
             break
-    return PerplexityResult(mode=mode_name, nll_sum=nll_sum, tokens=scored)
+    return PerplexityResult(mode=mode.name, nll_sum=nll_sum, tokens=scored)

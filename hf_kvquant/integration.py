@@ -1,5 +1,5 @@
-"""hf_kvquant's attention, registered with transformers under `ATTENTION_NAME` (the one place that talks to its
-registries).
+"""hf_kvquant's attention, registered with transformers under `ATTENTION_NAME`: the one place that talks to its
+registries.
 
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=hf_kvquant.ATTENTION_NAME)
     cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head")
@@ -10,7 +10,7 @@ same name gives it the 2D padding mask of the visible tokens (``[batch, kv_len]`
 and sliding windows are computed inside the kernel, so no ``q_len x kv_len`` mask is ever built.
 
 Where the kernel cannot run, a correct plain-PyTorch path takes over, with one warning naming why:
-no CUDA (CPU users: dequantize, then the reference attention), or keys and values that are not
+no CUDA or no Triton (dequantize, then the reference attention), or keys and values that are not
 `QuantizedKV` (a cache that is not ours, a cache built without ``config``, or no cache at all).
 
 A cache built with ``hadamard=True`` hands over buffers of rotated keys and values (``QuantizedKV.rotation`` is
@@ -27,7 +27,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from .ops.attention import attention_reference, quantized_attention
+from .ops import cuda_kernels
+from .ops.reference import attention_reference
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import rotate, unrotate
 
@@ -66,7 +67,7 @@ def attend_quantized(
     """
     if key.rotation is not None:
         query = rotate(query, key.rotation).to(query.dtype)
-    out = quantized_attention(query, key, value, padding_mask, **options)
+    out = cuda_kernels().attention(query, key, value, padding_mask, **options)
     return out if value.rotation is None else unrotate(out, value.rotation).to(out.dtype)
 
 
@@ -101,9 +102,10 @@ def hf_kvquant_attention(
                                       sliding_window=sliding_window, **kwargs)
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
     if isinstance(key, QuantizedKV) and isinstance(value, QuantizedKV):
-        if query.is_cuda:
+        if query.is_cuda and cuda_kernels() is not None:
             return attend_quantized(query, key, value, attention_mask, **options), None
-        _warn_once("no CUDA device: attending to dequantized keys and values in plain PyTorch (slow, same results)")
+        _warn_once("no CUDA device or no Triton: attending to dequantized keys and values in plain PyTorch (slow, "
+                   "same results)")
         key, value = key.dequantize(), value.dequantize()
     else:
         _warn_once(

