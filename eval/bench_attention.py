@@ -14,20 +14,20 @@ Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), bf16 queries:
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hf_kvquant import KVQuantMode, QuantizedKV
-from hf_kvquant.ops.attention import quantized_attention
-from hf_kvquant.ops.quantize import quantize_into_triton
+from hf_kvquant.ops.attention_kernel import quantized_attention
+from hf_kvquant.ops.quantize_kernel import quantize_into_triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
+from common import copy_bandwidth, environment, out_dir_argument, versions_line, write_results
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 DECODE_SHAPES = [(1, 32768), (8, 4096), (8, 32768), (32, 8192)]
@@ -44,29 +44,31 @@ def _bench_graph(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
 
 
-def _short_name(mode: KVQuantMode) -> str:
-    return "int8" if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else "fp8"
-
-
 def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tensor, value: torch.Tensor):
     """QuantizedKV keys and values of a bf16 cache, quantized with the cache's own kernel."""
     shape = (batch, KV_HEADS, length)
-    data = [torch.empty(*shape, HEAD_DIM, device="cuda", dtype=mode.storage_dtype) for _ in range(2)]
-    scales = [torch.empty(*shape, device="cuda") for _ in range(2)]
-    quantize_into_triton(key, value, torch.arange(length, device="cuda"), data[0], scales[0], data[1], scales[1], mode)
-    return tuple(QuantizedKV(d, s, 0, length, mode, DTYPE) for d, s in zip(data, scales))
+    key_data, value_data = (torch.empty(*shape, HEAD_DIM, device="cuda", dtype=mode.storage_dtype)
+                            for _ in range(2))
+    key_scale, value_scale = (torch.empty(*shape, device="cuda") for _ in range(2))
+    slots = torch.arange(length, device="cuda")
+    quantize_into_triton(key, value, slots, (key_data, key_scale, value_data, value_scale), mode)
+    return (QuantizedKV(key_data, key_scale, 0, length, mode, DTYPE),
+            QuantizedKV(value_data, value_scale, 0, length, mode, DTYPE))
 
 
 def bench_decode(batch: int, length: int) -> dict:
     query = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
     key = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=DTYPE)
     value = torch.randn_like(key)
-    sdpa = lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+
     row = {"batch": batch, "cache_len": length, "sdpa_bf16_ms": _bench(sdpa), "sdpa_bf16_graph_ms": _bench_graph(sdpa)}
     reference = F.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2).float()
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, length, mode, key, value)
-        name = _short_name(mode)
+        name = mode.short_name
         row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
         row[f"{name}_graph_ms"] = _bench_graph(lambda: quantized_attention(query, qk, qv))
         out = quantized_attention(query, qk, qv).float()
@@ -75,7 +77,7 @@ def bench_decode(batch: int, length: int) -> dict:
             row["dequant_sdpa_ms"] = _bench(lambda: F.scaled_dot_product_attention(
                 query, qk.dequantize(), qv.dequantize(), enable_gqa=True))
             row["int8_bytes"] = sum(t.nbytes for t in (qk.data, qk.scale, qv.data, qv.scale))
-        del qk, qv
+        qk = qv = None  # this mode's cache goes before the next one's is built
     row["int8_tb_per_s"] = row["int8_bytes"] / row["int8_ms"] / 1e9
     row["int8_over_sdpa"] = row["int8_ms"] / row["sdpa_bf16_ms"]
     row["fp8_over_sdpa"] = row["fp8_ms"] / row["sdpa_bf16_ms"]
@@ -89,7 +91,10 @@ def bench_prefill() -> dict:
     query = torch.randn(1, HEADS, PREFILL_TOKENS, HEAD_DIM, device="cuda", dtype=DTYPE)
     key = torch.randn(1, KV_HEADS, PREFILL_TOKENS, HEAD_DIM, device="cuda", dtype=DTYPE)
     value = torch.randn_like(key)
-    sdpa = lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+
     row = {"batch": 1, "tokens": PREFILL_TOKENS, "sdpa_default_ms": _bench(sdpa)}
     # SDPA's default pick depends on the torch build and GPU (on an H100 with torch 2.11 it is not the flash
     # backend): time each fused backend pinned as well; None where it does not take these inputs.
@@ -102,26 +107,19 @@ def bench_prefill() -> dict:
             row[field] = None
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(1, PREFILL_TOKENS, mode, key, value)
-        name = _short_name(mode)
+        name = mode.short_name
         row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
         row[f"{name}_over_sdpa_flash"] = row[f"{name}_ms"] / row["sdpa_flash_attention_ms"]
         row[f"{name}_over_sdpa_default"] = row[f"{name}_ms"] / row["sdpa_default_ms"]
     return row
 
 
-def bench_copy() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / _bench(lambda: dst.copy_(src)) / 1e9
-
-
 def markdown(result: dict) -> str:
     lines = [
-        f"Device: {result['device']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}, "
-        f"transformers {result['versions']['transformers']}. Copy bandwidth {result['copy_tb_per_s']:.2f} TB/s "
-        "(read + written). Times are medians of `triton.testing.do_bench` (eager calls: host launch time included, "
-        "as in eager decoding), in ms; the last two columns are GPU time alone, calls replayed from a CUDA graph "
-        "(`do_bench_cudagraph`).",
+        f"Device: {result['device']}; {versions_line(result['versions'])}. Copy bandwidth "
+        f"{result['copy_tb_per_s']:.2f} TB/s (read + written). Times are medians of `triton.testing.do_bench` (eager "
+        "calls: host launch time included, as in eager decoding), in ms; the last two columns are GPU time alone, "
+        "calls replayed from a CUDA graph (`do_bench_cudagraph`).",
         "",
         "Decode, 1 query token, 32 query / 8 KV heads, head_dim 128, bf16 queries; SDPA as it picks its backend by "
         "default:",
@@ -137,7 +135,10 @@ def markdown(result: dict) -> str:
             f"{r['fp8_over_int8']:.2f} | {r['int8_tb_per_s']:.2f} | {r['int8_over_sdpa_graph']:.2f} | "
             f"{r['fp8_over_sdpa_graph']:.2f} |")
     p = result["prefill"]
-    ms = lambda t: "n/a" if t is None else f"{t:.3f}"
+
+    def ms(t):
+        return "n/a" if t is None else f"{t:.3f}"
+
     lines += [
         "",
         f"Prefill, {p['tokens']} tokens, batch 1, causal, times in ms. The target (<= 1.5 x) is set against SDPA's "
@@ -157,22 +158,16 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=Path("eval/results"))
-    args = parser.parse_args()
+    out_dir = out_dir_argument(__doc__)
     result = {
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
-        "copy_tb_per_s": bench_copy(),
+        **environment("cuda"),
+        "copy_tb_per_s": copy_bandwidth()["tb_per_s"],
         "decode": [bench_decode(b, n) for b, n in DECODE_SHAPES],
         "prefill": bench_prefill(),
     }
     text = markdown(result)
     print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bench_attention.json").write_text(json.dumps(result, indent=2))
-    (args.out_dir / "bench_attention.md").write_text(text)
+    write_results(out_dir, "bench_attention", result, text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -37,12 +36,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bench_generate import CACHES as GENERATE_CACHES  # a sibling script: eval/ is on sys.path
-from bench_generate import decode, free_memory, make_cache, prefill, synchronize, time_decode
-from hf_kvquant import ATTENTION_NAME, kv_cache_nbytes
+from hf_kvquant import ATTENTION_NAME, KVQuantMode, kv_cache_nbytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
+from common import RESULTS, device_name, versions, versions_line, write_results
+from generate_speed import CACHES as GENERATE_CACHES
+from generate_speed import build_cache, cache_keys, decode, free_memory, prefill, synchronize, time_decode
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZES = (1, 2)
@@ -55,8 +56,8 @@ SHAPES = {
                  num_key_value_heads=4, head_dim=64, vocab_size=1024),
 }
 SHAPE_KEYS = tuple(SHAPES["tiny"])  # what a saved checkpoint must match to be reused
-# cache name -> (label, attention implementation), as eval/bench_generate.py builds them
-CACHES = {name: GENERATE_CACHES[name] for name in ("dynamic", "int8", "fp8")}
+# cache name -> (label, attention implementation), as eval/bench_generate.py builds them: DynamicCache and ours
+CACHES = {name: GENERATE_CACHES[name] for name in ("dynamic", *(m.short_name for m in KVQuantMode))}
 STAGE_TIMEOUT_S = 420
 
 
@@ -140,12 +141,12 @@ def _bench_cache(model, name: str, run: Run, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
-        cache = make_cache(name, model)  # switches the model to the cache's attention first
+        cache = build_cache(name, model)  # switches the model to the cache's attention first
         decode(model, cache, prefill(model, cache, prompt[:, : run.warmup_prompt]), run.warmup_steps)
         del cache
         free_memory(device, collect=True)
 
-        cache = make_cache(name, model)
+        cache = build_cache(name, model)
         synchronize(device)
         start = time.perf_counter()
         token = prefill(model, cache, prompt)
@@ -171,7 +172,7 @@ def worker(args, run: Run) -> None:
     world_size = dist.get_world_size() if distributed else 1
     device = model.device
     part = {"world_size": world_size, "backend": dist.get_backend() if distributed else None,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device": device_name(device),
             "rows": []}
     for name in args.caches:
         _log(f"[{world_size} x {device.type}] {name}: running")
@@ -235,17 +236,6 @@ def _run_stage(command: list[str], env: dict, timeout_s: float) -> int:
     return code
 
 
-def _versions() -> dict:
-    import triton
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-                "transformers": transformers.__version__}
-    if torch.cuda.is_available():
-        versions["cuda"] = torch.version.cuda
-        versions["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    return versions
-
-
 def _mib(n) -> str:
     return "" if n is None else f"{n / 2**20:.1f}"
 
@@ -258,7 +248,7 @@ def _markdown(result: dict) -> str:
         f"{run['prompt']}-token prompt",
         "",
         f"Devices: {', '.join(sorted({p['device'] for p in result['parts'].values()}))}; "
-        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
+        + versions_line(result["versions"]) + ".",
         f"Prefill timed once after a warm-up; decode: median of {run['repeats']} x {run['steps']} greedy steps "
         f"(after {run['warmup_steps']} warm-up steps). Tokens/s = batch / step time. Cache MiB per rank: the bytes the "
         "cache holds on one rank after the run; peak: torch.cuda.max_memory_allocated per rank (max over ranks).",
@@ -299,7 +289,7 @@ def _markdown(result: dict) -> str:
 
 def drive(args, run: Run) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else (
-        REPO / "eval" / "results" if not args.tiny else Path(tempfile.mkdtemp(prefix="bench_tp_tiny_")))
+        RESULTS if not args.tiny else Path(tempfile.mkdtemp(prefix="bench_tp_tiny_")))
     out_dir.mkdir(parents=True, exist_ok=True)
     parts_dir = Path(tempfile.mkdtemp(prefix="bench_tp_parts_"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -331,11 +321,10 @@ def _write_results(out_dir: Path, stem: str, run: Run, codes: dict, parts_dir: P
     """The merged JSON and table of what has run so far (rewritten after each world size)."""
     parts = {ws: json.loads((parts_dir / f"ws{ws}.json").read_text())
              for ws in WORLD_SIZES if (parts_dir / f"ws{ws}.json").is_file()}
-    result = {"run": {**run.__dict__, "config": SHAPES[run.shape]}, "versions": _versions(),
+    result = {"run": {**run.__dict__, "config": SHAPES[run.shape]}, "versions": versions(),
               "exit_codes": {str(ws): c for ws, c in codes.items()}, "parts": {str(ws): p for ws, p in parts.items()}}
     table = _markdown(result)
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / f"{stem}.md").write_text(table)
+    write_results(out_dir, stem, result, table)
     print(f"wrote {out_dir / stem}.json and .md", flush=True)
     return table
 
@@ -346,15 +335,17 @@ def main() -> int:
     parser.add_argument("--out-dir", help="where the table goes (default eval/results; a temp dir with --tiny)")
     parser.add_argument("--model-dir", help="the random checkpoint, saved once and reused "
                                             "(default: a folder under the system temp dir)")
-    parser.add_argument("--caches", default=",".join(CACHES), help=f"comma-separated, of {', '.join(CACHES)}")
+    parser.add_argument("--caches", default=",".join(CACHES),
+                        help=f"comma-separated, of {', '.join(CACHES)} (or their mode names: int8_per_token_head, ...)")
     parser.add_argument("--stage-timeout", type=float, default=STAGE_TIMEOUT_S, help="seconds per world size")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = RUNS["tiny" if args.tiny else "full"]
-    args.caches = [c for c in args.caches.split(",") if c]
-    if unknown := set(args.caches) - set(CACHES):
-        parser.error(f"unknown caches {sorted(unknown)}; accepted: {', '.join(CACHES)}")
+    try:
+        args.caches = cache_keys(args.caches, CACHES)
+    except ValueError as error:
+        parser.error(str(error))
     if args.model_dir is None:
         args.model_dir = str(Path(tempfile.gettempdir()) / "hf_kvquant_bench_tp" / f"{run.shape}-{run.dtype}-random")
     Path(args.model_dir).parent.mkdir(parents=True, exist_ok=True)

@@ -7,25 +7,25 @@
 2. The quantize kernel on a 32k-token prefill of that shape against the device's copy bandwidth,
    measured in the same run.
 
-    python eval/bench_update.py [--out eval/results/bench_update.json]
+    python eval/bench_update.py [--out-dir eval/results]    # writes bench_update.json there
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 import triton
 from transformers import LlamaConfig
 
 from hf_kvquant import ATTENTION_NAME, KVQuantMode, QuantizedPerTokenHeadCache
-from hf_kvquant.ops.quantize import quantize_into_triton
+from hf_kvquant.ops.quantize_kernel import quantize_into_triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
+from common import copy_bandwidth, environment, out_dir_argument, versions_line, write_results
 
 BATCH, KV_HEADS, HEAD_DIM, DTYPE = 8, 8, 128, torch.bfloat16
 DECODE_LENGTHS = (1024, 32768)
@@ -33,7 +33,8 @@ PREFILL_TOKENS = 32768
 
 
 def _kv(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # As transformers makes them: [batch, tokens, heads, head_dim] projections viewed as [batch, heads, tokens, head_dim].
+    # As transformers makes them: [batch, tokens, heads, head_dim] projections viewed as
+    # [batch, heads, tokens, head_dim].
     shape = (BATCH, tokens, KV_HEADS, HEAD_DIM)
     return (torch.randn(shape, device="cuda", dtype=DTYPE).transpose(1, 2) for _ in range(2))
 
@@ -69,8 +70,9 @@ def bench_decode_update(mode: KVQuantMode, rounds: int = 30, burst: int = 50) ->
         # The kernel alone for one new token at this position (do_bench: CUDA events over many launches).
         slots = torch.tensor([layer.stored], device="cuda")
         kernel_ms = triton.testing.do_bench(
-            lambda: quantize_into_triton(k1, v1, slots, *layer.buffers, mode), warmup=20, rep=100)
-        rows.append({"mode": mode.value, "cached_tokens": cached, "median_step_us": statistics.median(per_step[cached]) * 1e6,
+            lambda: quantize_into_triton(k1, v1, slots, layer.buffers, mode), warmup=20, rep=100)
+        rows.append({"mode": mode.value, "cached_tokens": cached,
+                     "median_step_us": statistics.median(per_step[cached]) * 1e6,
                      "min_step_us": min(per_step[cached]) * 1e6, "kernel_us": kernel_ms * 1e3})
     return rows
 
@@ -82,33 +84,22 @@ def bench_prefill_quantize(mode: KVQuantMode) -> dict:
     scales = [torch.empty(BATCH, KV_HEADS, PREFILL_TOKENS, device="cuda") for _ in range(2)]
     slots = torch.arange(PREFILL_TOKENS, device="cuda")
     ms = triton.testing.do_bench(
-        lambda: quantize_into_triton(key, value, slots, data[0], scales[0], data[1], scales[1], mode),
+        lambda: quantize_into_triton(key, value, slots, (data[0], scales[0], data[1], scales[1]), mode),
         warmup=50, rep=300)
     moved = 2 * key.numel() * key.element_size() + sum(t.nbytes for t in data + scales)
     return {"mode": mode.value, "ms": ms, "bytes": moved, "tb_per_s": moved / ms / 1e9}
 
 
-def bench_copy() -> dict:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB, well past L2
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
-    return {"ms": ms, "tb_per_s": 2 * src.nbytes / ms / 1e9}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("eval/results/bench_update.json"))
-    args = parser.parse_args()
+    out_dir = out_dir_argument(__doc__)
     result = {
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        **environment("cuda"),
         "shape": {"batch": BATCH, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": str(DTYPE)},
-        "copy": bench_copy(),
+        "copy": copy_bandwidth(),
         "decode_update": [row for m in KVQuantMode for row in bench_decode_update(m)],
         "prefill_quantize": [bench_prefill_quantize(m) for m in KVQuantMode],
     }
-    print(f"{result['device']}  torch {torch.__version__}  triton {triton.__version__}  transformers {transformers.__version__}")
+    print(f"{result['device']}; {versions_line(result['versions'])}")
     print(f"copy bandwidth: {result['copy']['tb_per_s']:.2f} TB/s (bytes read + written)\n")
     print("decode-step update of one layer (batch 8, 8 KV heads, head_dim 128, bf16)")
     print(f"{'mode':<22}{'cached':>8}{'median us/step':>16}{'min us/step':>13}{'kernel us':>11}")
@@ -125,8 +116,7 @@ def main() -> None:
     for r in result["prefill_quantize"]:
         r["fraction_of_copy"] = r["tb_per_s"] / result["copy"]["tb_per_s"]
         print(f"{r['mode']:<22}{r['ms']:>8.3f} ms {r['tb_per_s']:>6.2f} TB/s = {r['fraction_of_copy']:.0%} of copy")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(out_dir, "bench_update", result)
 
 
 if __name__ == "__main__":

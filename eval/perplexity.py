@@ -1,19 +1,20 @@
 """Perplexity with the KV cache in the loop: unquantized vs INT8 vs FP8 per-token-head caches, on one text.
 
     python eval/perplexity.py [--model smollm2] [--text wikitext|PATH|hf:DATASET[:CONFIG[:SPLIT]]]
-        [--context-length 1024] [--stride N] [--max-tokens N] [--modes unquantized,int8,fp8,int8+hadamard,...]
+        [--context-length 1024] [--stride N] [--max-tokens N] [--modes unquantized,int8,fp8] [--hadamard]
         [--dtype float32] [--device cpu] [--out-dir eval/results] [--name NAME] [--no-progress]
 
 The text (default: the local WikiText-2 raw test file, else the hub dataset) is tokenized once, with one
 BOS token in front (EOS where the tokenizer has no BOS, as lm-eval does), and cut to ``--max-tokens``. It
 is scored in windows of ``--context-length`` tokens moved by ``--stride`` (default: disjoint windows);
 every window is one forward pass through a fresh cache of the mode, so each token attends to the
-quantized keys and values of its window (`hf_kvquant.evaluation.perplexity`). A quantized mode with
-``+hadamard`` (``int8_per_token_head+hadamard``, short ``int8+hadamard``) is the same cache built with
-``hadamard=True``. Prints a table and writes
-``NAME.json`` and ``NAME.md`` (default NAME: ``perplexity_<model>``) into ``--out-dir``.
+quantized keys and values of its window (`hf_kvquant.evaluation.perplexity`). Modes are named as everywhere
+(``unquantized``, ``int8_per_token_head`` or ``int8``, ``fp8_per_token_head`` or ``fp8``); ``--hadamard`` builds
+every quantized mode of the run with the Hadamard rotation (``hadamard=True``; the table names it
+``int8_per_token_head+hadamard``). Prints a table and writes ``NAME.json`` and ``NAME.md`` (default NAME:
+``perplexity_<model>``) into ``--out-dir``.
 
-lm-eval's ``loglikelihood_rolling`` with ``max_length=L`` (``python -m hf_kvquant.lm_eval_model``) scores the
+lm-eval's ``loglikelihood_rolling`` with ``max_length=L`` (``python -m hf_kvquant.evaluation.lm_eval_model``) scores the
 same tokens from the same contexts as ``--context-length L+1 --stride L`` here, where the text is a whole
 number of ``L``-token windows (tests/test_evaluation.py shows both agree).
 
@@ -24,8 +25,6 @@ that cannot be loaded.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import re
 import shlex
 import sys
@@ -33,15 +32,24 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 
-from hf_kvquant.data import WIKITEXT, load_text
-from hf_kvquant.evaluation import ACCEPTED_MODES, ALL_MODES, UNQUANTIZED, encode_text, parse_mode, perplexity
-from hf_kvquant.models import DEFAULT_MODEL, PACKAGED_MODELS, load_model
+from hf_kvquant.evaluation import (
+    ACCEPTED_MODES,
+    ALL_MODES,
+    DEFAULT_MODEL,
+    PACKAGED_MODELS,
+    WIKITEXT,
+    CacheMode,
+    encode_text,
+    load_model,
+    load_text,
+    parse_mode,
+    perplexity,
+)
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
-# Short names accepted on the command line, besides the full ones (also before "+hadamard").
-MODE_ALIASES = {"none": UNQUANTIZED, "int8": "int8_per_token_head", "fp8": "fp8_per_token_head"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
+from common import RESULTS, environment, versions_line, write_results
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,22 +57,21 @@ class CliError(Exception):
     """A user error: printed as one ``error:`` line, exit status 2."""
 
 
-def parse_modes(spec: str) -> list[str]:
-    """Comma-separated mode names (full or short) -> full names, unquantized first (the reference)."""
+def parse_modes(spec: str, hadamard: bool = False) -> list[CacheMode]:
+    """Comma-separated mode names -> the caches to score, each once, unquantized first (the reference), then in
+    `ALL_MODES` order; ``hadamard`` rotates every quantized one."""
     modes = []
     for name in (s.strip() for s in spec.split(",") if s.strip()):
-        base, plus, rest = name.partition("+")
-        name = MODE_ALIASES.get(base, base) + plus + rest
         try:
-            parse_mode(name)
-        except ValueError:
-            accepted = ", ".join([*ACCEPTED_MODES, *MODE_ALIASES])
-            raise CliError(f"unknown mode {name!r}; accepted: {accepted}") from None
-        if name not in modes:
-            modes.append(name)
+            mode = parse_mode(name)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        mode = mode._replace(hadamard=hadamard and mode.quantization is not None)
+        if mode not in modes:
+            modes.append(mode)
     if not modes:
         raise CliError("no modes given")
-    return sorted(modes, key=ACCEPTED_MODES.index)
+    return sorted(modes, key=lambda m: ALL_MODES.index(m._replace(hadamard=False).name))
 
 
 def _load(model: str, dtype: torch.dtype, device: str):
@@ -93,8 +100,8 @@ def _markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"Perplexity of `{report['model']}` on {report['text']['source']} ({report['text']['tokens']} tokens "
-        f"used), context {s['context_length']}, stride {s['stride']}, {s['dtype']} on {s['device']}; "
-        f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}.",
+        f"used), context {s['context_length']}, stride {s['stride']}, {s['dtype']} on {report['device']}; "
+        f"{versions_line(report['versions'])}.",
         "",
         "Every window is one forward pass through a fresh cache of the mode: each token attends to the stored "
         "(quantized) keys and values of its window, its own included.",
@@ -121,25 +128,27 @@ def _table(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python eval/perplexity.py", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    # Defaults are spelled out in the help where they mean something (argparse's own would print "None").
+    parser = argparse.ArgumentParser(prog="python eval/perplexity.py", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"{', '.join(PACKAGED_MODELS)}, a .gguf file, a model folder or a hub id")
+                        help=f"{', '.join(PACKAGED_MODELS)}, a .gguf file, a model folder or a hub id "
+                             "(default: %(default)s)")
     parser.add_argument("--text", default=WIKITEXT,
                         help="'wikitext' (the local WikiText-2 raw test file, else the hub dataset), a text file, "
-                             "or hf:DATASET[:CONFIG[:SPLIT]]")
-    parser.add_argument("--context-length", type=int, default=1024, help="tokens per window")
+                             "or hf:DATASET[:CONFIG[:SPLIT]] (default: %(default)s)")
+    parser.add_argument("--context-length", type=int, default=1024, help="tokens per window (default: %(default)s)")
     parser.add_argument("--stride", type=int, default=None, help="window step (default: the context length)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="use the first N tokens of the text, prefix token included (default: all)")
     parser.add_argument("--modes", default=",".join(ALL_MODES),
-                        help=f"comma-separated, from: {', '.join([*ACCEPTED_MODES, *MODE_ALIASES])} "
-                             "(short names take +hadamard too)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model weights and activations")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+                        help=f"comma-separated, from: {', '.join(ACCEPTED_MODES)} (default: %(default)s)")
+    parser.add_argument("--hadamard", action="store_true",
+                        help="build every quantized mode with the Hadamard rotation")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="model weights and activations (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="(default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="(default: %(default)s)")
     parser.add_argument("--name", default=None, help="result file name without suffix (default: perplexity_<model>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -148,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, argv: list[str], save=None) -> dict:
     """Everything but the printing: checks the arguments (modes, text) before the slow model load, then scores the
     modes in turn, calling ``save(report)`` after each one (a long run that is stopped keeps the modes it finished)."""
-    modes = parse_modes(args.modes)
+    modes = parse_modes(args.modes, args.hadamard)
     if args.context_length < 2:
         raise CliError(f"--context-length must be at least 2; got {args.context_length}")
     stride = args.context_length if args.stride is None else args.stride
@@ -169,10 +178,9 @@ def run(args: argparse.Namespace, argv: list[str], save=None) -> dict:
         "model": args.model,
         "text": {"source": text_source, "characters": len(text), "tokens": ids.numel()},
         "settings": {"context_length": args.context_length, "stride": stride, "max_tokens": args.max_tokens,
-                     "dtype": args.dtype, "device": args.device, "prefix_token_id": int(ids[0]),
-                     "torch_threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+                     "hadamard": args.hadamard, "dtype": args.dtype, "device": args.device,
+                     "prefix_token_id": int(ids[0]), "torch_threads": torch.get_num_threads()},
+        **environment(args.device),
         "command": shlex.join(["python", "eval/perplexity.py", *argv]),
         "results": [],
     }
@@ -182,7 +190,7 @@ def run(args: argparse.Namespace, argv: list[str], save=None) -> dict:
         r = perplexity(model, ids, mode, context_length=args.context_length, stride=stride,
                        progress=not args.no_progress)
         seconds = time.perf_counter() - start
-        reference = r if mode == UNQUANTIZED else reference
+        reference = r if mode.quantization is None else reference
         report["results"].append({
             "mode": r.mode, "tokens": r.tokens, "nll_sum": r.nll_sum, "nll": r.nll, "perplexity": r.perplexity,
             "relative_increase": (
@@ -199,12 +207,11 @@ def run(args: argparse.Namespace, argv: list[str], save=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    stem = args.out_dir / (args.name or f"perplexity_{_slug(args.model)}")
+    name = args.name or f"perplexity_{_slug(args.model)}"
+    stem = args.out_dir / name
 
     def save(report: dict) -> None:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-        Path(f"{stem}.md").write_text(_markdown(report))
+        write_results(args.out_dir, name, report, _markdown(report))
 
     try:
         report = run(args, argv, save)

@@ -1,5 +1,6 @@
 """eval/bench_generate.py, the end-to-end generation benchmark, through its CPU smoke path (``--device cpu --tiny``):
-the same code as the GPU run on a 2-layer model, one short row, every cache, and the memory-budget search.
+the same code as the GPU run on a 2-layer model, one short row, every cache, and the memory-budget search; and its
+parts (eval/generate_speed.py, eval/generate_budget.py) where a test needs them directly.
 
 The GPU figures themselves come from running the script on an H100 (see `eval/results/bench_generate.md`).
 """
@@ -9,36 +10,30 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from hf_kvquant import ATTENTION_NAME, QuantizedPerTokenHeadCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # eval/'s modules, by their plain names
+import bench_generate
+import generate_budget
+import generate_speed
+
 HAS_QUANTO = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
 BATCH, PROMPT, STEPS, REPEATS, WARMUP_STEPS = 2, 256, 2, 2, 2
 SEARCH_CONTEXT = 128
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("eval_bench_generate", REPO / "eval" / "bench_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def bench():
-    return _load()
-
-
-@pytest.fixture(scope="module")
-def run(bench, tmp_path_factory):
+def run(tmp_path_factory):
     """(result, out_dir) of one smoke run."""
     out = tmp_path_factory.mktemp("bench_generate")
-    result = bench.main([
+    result = bench_generate.main([
         "--device", "cpu", "--tiny", "--rows", f"tiny:{BATCH}x{PROMPT}", "--steps", str(STEPS),
         "--repeats", str(REPEATS), "--warmup-steps", str(WARMUP_STEPS), "--search-context", str(SEARCH_CONTEXT),
         "--search-granularity", "4", "--no-progress", "--out-dir", str(out),
@@ -50,12 +45,12 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_every_cache_runs_and_reports_positive_finite_numbers(bench, run):
+def test_every_cache_runs_and_reports_positive_finite_numbers(run):
     result, _ = run
     assert result["complete"]
     (row,) = result["rows"]
     assert (row["shape"], row["batch"], row["prompt"]) == ("tiny", BATCH, PROMPT)
-    expected = [key for key in bench.CACHES if HAS_QUANTO or key != "hf_quanto_int4"]
+    expected = [key for key in generate_speed.CACHES if HAS_QUANTO or key != "hf_quanto_int4"]
     assert list(row["caches"]) == expected
     for key, entry in row["caches"].items():
         assert "error" not in entry, (key, entry.get("error"))
@@ -87,9 +82,9 @@ def test_quanto_int4_cache(run):
     assert "plain-PyTorch unpack" in run[0]["quanto"]  # nothing was JIT-compiled
 
 
-def test_budget_search_finds_more_room_for_the_quantized_caches(bench, run):
+def test_budget_search_finds_more_room_for_the_quantized_caches(run):
     (search,) = run[0]["search"]
-    assert search["context"] == SEARCH_CONTEXT and list(search["caches"]) == list(bench.SEARCH_CACHES)
+    assert search["context"] == SEARCH_CONTEXT and list(search["caches"]) == list(generate_budget.SEARCH_CACHES)
     for key, entry in search["caches"].items():
         assert "error" not in entry, (key, entry.get("error"))
         for field in ("max_batch", "max_context"):
@@ -101,7 +96,7 @@ def test_budget_search_finds_more_room_for_the_quantized_caches(bench, run):
     assert int8["max_batch"] > dynamic["max_batch"] and int8["max_context"] > dynamic["max_context"]
 
 
-def test_files_are_written(bench, run):
+def test_files_are_written(run):
     result, out = run
     saved = json.loads((out / "bench_generate.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
@@ -109,45 +104,55 @@ def test_files_are_written(bench, run):
     text = (out / "bench_generate.md").read_text()
     assert "## Headline" in text and "## Memory budget" in text and "## Targets" in text
     for key in result["rows"][0]["caches"]:
-        assert f"| {bench.CACHES[key][0]} |" in text
+        assert f"| {generate_speed.CACHES[key][0]} |" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "bench_generate.png").stat().st_size > 10_000
 
 
-def test_replot_rewrites_the_outputs_from_the_json(bench, run):
+def test_replot_rewrites_the_outputs_from_the_json(run):
     _, out = run
     (out / "bench_generate.md").unlink()
-    bench.main(["--replot", "--out-dir", str(out)])
+    bench_generate.main(["--replot", "--out-dir", str(out)])
     assert "## Headline" in (out / "bench_generate.md").read_text()
 
 
-def test_largest_fitting_doubles_then_bisects(bench):
+def test_largest_fitting_doubles_then_bisects():
     class Counter:
         def update(self):
             pass
 
-    answer, attempts, capped = bench.largest_fitting(lambda n: n <= 37, 1, 1, 1000, 1 << 20, Counter())
+    answer, attempts, capped = generate_budget.largest_fitting(lambda n: n <= 37, 1, 1, 1000, 1 << 20, Counter())
     assert (answer, capped) == (37, False)
     assert [n for n, _ in attempts][:7] == [1, 2, 4, 8, 16, 32, 64]
-    answer, _, capped = bench.largest_fitting(lambda n: n <= 3000, 256, 256, 1000, 1 << 20, Counter())
+    answer, _, capped = generate_budget.largest_fitting(lambda n: n <= 3000, 256, 256, 1000, 1 << 20, Counter())
     assert (answer, capped) == (2816, False)  # the largest multiple of the quantum that fits
-    answer, _, capped = bench.largest_fitting(lambda n: True, 1, 1, 32, 100, Counter())
+    answer, _, capped = generate_budget.largest_fitting(lambda n: True, 1, 1, 32, 100, Counter())
     assert (answer, capped) == (100, True)
-    assert bench.largest_fitting(lambda n: False, 1, 1, 32, 100, Counter())[0] == 0
+    assert generate_budget.largest_fitting(lambda n: False, 1, 1, 32, 100, Counter())[0] == 0
 
 
-def test_a_silent_fallback_is_caught(bench):
+def test_a_silent_fallback_is_caught():
     """A hf_kvquant cache built without the model's config hands attention dequantized tensors: the call counter the
     benchmark checks at warm-up sees it."""
-    from hf_kvquant import QuantizedPerTokenHeadCache
-
-    model = bench.build_model(bench.SHAPES["tiny"], torch.device("cpu"), torch.float32)
-    model.set_attn_implementation(bench.ATTENTION_NAME)
+    model = generate_speed.build_model(generate_speed.SHAPES["tiny"], torch.device("cpu"), torch.float32)
+    model.set_attn_implementation(ATTENTION_NAME)
     ids = torch.zeros(1, 8, dtype=torch.long)
     with torch.inference_mode():
-        with bench.count_hf_kvquant_calls() as calls:
-            bench.prefill(model, QuantizedPerTokenHeadCache(mode="int8_per_token_head"), ids)
+        with generate_speed.count_hf_kvquant_calls() as calls:
+            generate_speed.prefill(model, QuantizedPerTokenHeadCache(mode="int8_per_token_head"), ids)
         assert calls == {"calls": 2, "quantized": 0}
-        with bench.count_hf_kvquant_calls() as calls:
-            bench.prefill(model, bench.make_cache("int8", model), ids)
+        with generate_speed.count_hf_kvquant_calls() as calls:
+            generate_speed.prefill(model, generate_speed.build_cache("int8", model), ids)
         assert calls == {"calls": 2, "quantized": 2}
+
+
+def test_cache_names_are_the_baselines_keys_and_the_mode_vocabulary():
+    keys = generate_speed.cache_keys("hf_fp8, unquantized,int8_per_token_head,int8,fp8,none")
+    assert keys == ["hf_fp8", "dynamic", "int8", "fp8"]  # each once, in the order given
+    for bad in ("int8+hadamard", "int4", "dynamic_fp8"):
+        with pytest.raises(ValueError, match=re.escape(f"unknown cache '{bad}'") + ".*int8_per_token_head"):
+            generate_speed.cache_keys(bad)
+    with pytest.raises(ValueError, match="unknown cache 'hf_fp8'"):  # a cache not offered there
+        generate_speed.cache_keys("hf_fp8", {"dynamic": None})
+    with pytest.raises(SystemExit, match="unknown cache 'int4'"):
+        bench_generate.parse_args(["--caches", "int8,int4"])

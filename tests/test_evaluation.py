@@ -356,15 +356,26 @@ def test_cli_missing_text_file(cli, capsys, tmp_path):
 
 def test_cli_unknown_mode(cli, capsys, tmp_path):
     line = _error(cli, capsys, ["--modes", "unquantized,int4", "--out-dir", str(tmp_path)])
-    assert "unknown mode 'int4'" in line and "int8_per_token_head" in line and "fp8" in line
-    assert "int8_per_token_head+hadamard" in line and "fp8_per_token_head+hadamard" in line
-    line = _error(cli, capsys, ["--modes", "none+hadamard", "--out-dir", str(tmp_path)])
-    assert "unknown mode 'unquantized+hadamard'" in line
+    assert "unknown mode 'int4'" in line and all(repr(name) in line for name in ACCEPTED_MODES)
+    for old in ("int8+hadamard", "int8_per_token_head+hadamard", "none"):  # the rotation is the --hadamard switch
+        line = _error(cli, capsys, ["--modes", old, "--out-dir", str(tmp_path)])
+        assert f"unknown mode {old!r}" in line
 
 
-def test_cli_modes_with_hadamard(cli):
-    modes = cli.parse_modes("fp8+hadamard, int8_per_token_head+hadamard,int8,none,int8+hadamard")
-    assert modes == [UNQUANTIZED, INT8, INT8 + "+hadamard", FP8 + "+hadamard"]  # reference first, no repeats
+def test_cli_modes_and_the_hadamard_switch(cli):
+    modes = cli.parse_modes("fp8, int8_per_token_head,int8,unquantized")
+    assert [m.name for m in modes] == [UNQUANTIZED, INT8, FP8]  # the reference first, the order of ALL_MODES, once
+    modes = cli.parse_modes("fp8,unquantized,int8", hadamard=True)
+    assert modes == [CacheMode(None), CacheMode(KVQuantMode(INT8), True), CacheMode(KVQuantMode(FP8), True)]
+    assert cli.parse_args(["--modes", "int8", "--hadamard"]).hadamard
+
+
+def test_cli_help_states_each_default_once(cli, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--hadamard" in text and "(default: None)" not in text
+    assert "(default: the context length)" in text and text.count("(default: the context length)") == 1
 
 
 @pytest.mark.parametrize("model", ["missing.gguf", "EMPTY_FOLDER"])
@@ -428,6 +439,12 @@ def test_cli_writes_table_json_and_markdown(cli, capsys, tmp_path, smollm2, monk
     assert [r["mode"] for r in report["results"]] == [UNQUANTIZED, INT8]
     assert report["results"][0]["tokens"] == 62 and report["results"][0]["relative_increase"] is None
     assert "| int8_per_token_head | 62 |" in (tmp_path / "tiny.md").read_text()
+    assert report["versions"]["torch"] == torch.__version__ and report["device"] == "cpu"
+
+    assert cli.main([*argv[:-3], "--hadamard", "--name", "tiny_hadamard", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "tiny_hadamard.json").read_text())
+    assert [r["mode"] for r in report["results"]] == [UNQUANTIZED, INT8 + "+hadamard"]
+    assert report["settings"]["hadamard"] is True
 
 
 # -- text loading ---------------------------------------------------------------------------------------------

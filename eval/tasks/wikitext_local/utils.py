@@ -11,7 +11,7 @@ from __future__ import annotations
 import datasets
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer
 
-from hf_kvquant.data import WIKITEXT, load_text, wikitext_documents
+from hf_kvquant.evaluation.data import WIKITEXT, load_text, wikitext_documents
 
 __all__ = ["load_wikitext", "process_results", "wikitext_detokenizer"]
 
