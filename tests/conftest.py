@@ -19,6 +19,15 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 
 
+def filled_buffers(batch, heads, capacity, head_dim, mode, device):
+    """Cache buffers ``(key_data, key_scale, value_data, value_scale)`` filled with marker values (bytes 7, scales -1),
+    so that a test can see which slots a write touched."""
+    data = [torch.full((batch, heads, capacity, head_dim), 7, dtype=torch.uint8, device=device).view(mode.storage_dtype)
+            for _ in range(2)]
+    scales = [torch.full((batch, heads, capacity), -1.0, device=device) for _ in range(2)]
+    return data[0], scales[0], data[1], scales[1]
+
+
 def _load(name: str):
     from hf_kvquant.evaluation import load_model
 

@@ -3,7 +3,7 @@ a GPU that the shortcut reuses a compiled kernel only where Triton would special
 
 import pytest
 import torch
-from conftest import requires_cuda, requires_triton
+from conftest import filled_buffers, requires_cuda, requires_triton
 
 from hf_kvquant import KVQuantMode
 from hf_kvquant.ops.reference import quantize_into_reference
@@ -34,13 +34,6 @@ def test_shortcut_only_on_the_triton_versions_it_was_checked_on(monkeypatch):
     assert launch.Launcher(lambda: None).fast
 
 
-def _buffers(batch, heads, capacity, head_dim, mode, device):
-    data = [torch.full((batch, heads, capacity, head_dim), 7, dtype=torch.uint8, device=device).view(mode.storage_dtype)
-            for _ in range(2)]
-    scales = [torch.full((batch, heads, capacity), -1.0, device=device) for _ in range(2)]
-    return data[0], scales[0], data[1], scales[1]
-
-
 @requires_cuda
 @pytest.mark.parametrize("fast", [True, False], ids=["shortcut", "public"])
 def test_launcher_recompiles_for_every_specialisation(fast, monkeypatch):
@@ -57,11 +50,11 @@ def test_launcher_recompiles_for_every_specialisation(fast, monkeypatch):
         key = flat[offset : offset + 2 * heads * tokens * head_dim].view(2, heads, tokens, head_dim)
         value = key.flip(-1)
         slots = torch.arange(tokens)
-        expected = _buffers(2, heads, tokens, head_dim, mode, "cpu")
-        quantize_into_reference(key, value, slots, *expected, mode)
-        got = _buffers(2, heads, tokens, head_dim, mode, "cuda")
+        expected = filled_buffers(2, heads, tokens, head_dim, mode, "cpu")
+        quantize_into_reference(key, value, slots, expected, mode)
+        got = filled_buffers(2, heads, tokens, head_dim, mode, "cuda")
         key_cuda = flat.cuda()[offset : offset + key.numel()].view(key.shape)  # keeps the offset, unlike key.cuda()
-        quantize_kernel.quantize_into_triton(key_cuda, key_cuda.flip(-1), slots.cuda(), *got, mode)
+        quantize_kernel.quantize_into_triton(key_cuda, key_cuda.flip(-1), slots.cuda(), got, mode)
         for e, g in zip(expected, got, strict=True):
             assert torch.equal(e.view(torch.uint8) if e.dtype != torch.float32 else e,
                                g.cpu().view(torch.uint8) if g.dtype != torch.float32 else g.cpu()), (tokens, offset)

@@ -1,9 +1,9 @@
 """Quantize-on-write: the plain-PyTorch reference against hand-computed cases, the dequantization error bound,
-and the Triton kernel (run under the interpreter on CPU) against the reference, byte for byte."""
+and the Triton kernel (under the interpreter on CPU, natively on a GPU) against the reference, byte for byte."""
 
 import pytest
 import torch
-from conftest import HAS_TRITON, requires_cuda, requires_triton
+from conftest import HAS_CUDA, HAS_TRITON, filled_buffers, requires_cuda, requires_triton
 
 import hf_kvquant.ops as ops
 from hf_kvquant import KVQuantMode
@@ -302,6 +302,18 @@ def _special_kv(batch, tokens, heads, head_dim, dtype, mode, seed):
     return out
 
 
+def _run_kernel(key, value, slots, buffers, mode):
+    """The Triton kernel over these CPU tensors: under the interpreter on a CPU machine, natively on a GPU (copied
+    there and back), so that the same cases hold the kernel to the reference on both."""
+    if not HAS_CUDA:
+        quantize_into_triton(key, value, slots, buffers, mode)
+        return
+    on_gpu = [b.cuda() for b in buffers]
+    quantize_into_triton(key.cuda(), value.cuda(), slots.cuda(), on_gpu, mode)
+    for b, g in zip(buffers, on_gpu):
+        b.copy_(g.cpu())
+
+
 @requires_triton
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 @pytest.mark.parametrize("dtype", IN_DTYPES, ids=str)
@@ -317,8 +329,8 @@ def test_triton_kernel_matches_reference_bytes(mode, dtype, head_dim):
     tri = [b.clone() for b in ref]
     original = [b.clone() for b in ref]
 
-    quantize_into_reference(key, value, slots, *ref, mode)
-    quantize_into_triton(key, value, slots, *tri, mode)
+    quantize_into_reference(key, value, slots, ref, mode)
+    _run_kernel(key, value, slots, tri, mode)
 
     for r, t in zip(ref, tri):
         assert r.dtype == t.dtype
@@ -349,8 +361,8 @@ def test_triton_kernel_head_dim_not_contiguous(mode, dtype):
     slots = torch.tensor([6, 1, 4, 2, 7])
     ref = _sentinel_buffers(batch, heads, capacity, head_dim, mode, seed=12)
     tri = [b.clone() for b in ref]
-    quantize_into_reference(key, value, slots, *ref, mode)
-    quantize_into_triton(key, value, slots, *tri, mode)
+    quantize_into_reference(key, value, slots, ref, mode)
+    _run_kernel(key, value, slots, tri, mode)
     for r, t in zip(ref, tri):
         assert torch.equal(_bytes(r), _bytes(t))
 
@@ -367,8 +379,8 @@ def test_triton_kernel_decode_sized_writes(mode, tokens):
     slots = torch.arange(capacity - tokens, capacity)
     ref = _sentinel_buffers(batch, heads, capacity, head_dim, mode, seed=13)
     tri = [b.clone() for b in ref]
-    quantize_into_reference(key, value, slots, *ref, mode)
-    quantize_into_triton(key, value, slots, *tri, mode)
+    quantize_into_reference(key, value, slots, ref, mode)
+    _run_kernel(key, value, slots, tri, mode)
     for r, t in zip(ref, tri):
         assert torch.equal(_bytes(r), _bytes(t))
     assert (tri[1][:, :, : capacity - tokens] == SENTINEL_SCALE).all()
@@ -380,7 +392,7 @@ def test_triton_kernel_zero_tokens_writes_nothing(mode):
     bufs = _sentinel_buffers(1, 2, 4, 64, mode, seed=14)
     before = [b.clone() for b in bufs]
     empty = torch.zeros(1, 2, 0, 64)
-    quantize_into_triton(empty, empty, torch.zeros(0, dtype=torch.long), *bufs, mode)
+    _run_kernel(empty, empty, torch.zeros(0, dtype=torch.long), bufs, mode)
     for b, o in zip(bufs, before):
         assert torch.equal(_bytes(b), _bytes(o))
 
@@ -400,8 +412,8 @@ def test_quantize_into_uses_reference_on_cpu(mode, monkeypatch):
     slots = torch.tensor([1, 3, 0, 5])
     got = _sentinel_buffers(1, 2, 6, 64, mode, seed=16)
     expected = [b.clone() for b in got]
-    quantize_into(key, value, slots, *got, mode)
-    quantize_into_reference(key, value, slots, *expected, mode)
+    quantize_into(key, value, slots, got, mode)
+    quantize_into_reference(key, value, slots, expected, mode)
     for g_, e in zip(got, expected):
         assert torch.equal(_bytes(g_), _bytes(e))
     assert (got[1][:, :, slots] != SENTINEL_SCALE).all()
@@ -410,13 +422,6 @@ def test_quantize_into_uses_reference_on_cpu(mode, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # On a CUDA GPU: the kernel natively, bf16/fp16 inputs and FP8 bit patterns included
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _cuda_buffers(batch, heads, capacity, head_dim, mode, device):
-    data = [torch.full((batch, heads, capacity, head_dim), 7, dtype=torch.uint8, device=device).view(mode.storage_dtype)
-            for _ in range(2)]
-    scales = [torch.full((batch, heads, capacity), -1.0, device=device) for _ in range(2)]
-    return data[0], scales[0], data[1], scales[1]
 
 
 @requires_cuda
@@ -433,10 +438,10 @@ def test_kernel_bytes_equal_reference(mode, dtype, head_dim, tokens):
     key[0, 1, 0] = 0.0  # an all-zero token-head
     key, value = key.to(dtype), value.to(dtype)
     slots = torch.randperm(capacity)[:tokens]
-    expected = _cuda_buffers(batch, heads, capacity, head_dim, mode, "cpu")
-    quantize_into_reference(key, value, slots, *expected, mode)
-    got = _cuda_buffers(batch, heads, capacity, head_dim, mode, "cuda")
-    quantize_into_triton(key.cuda(), value.cuda(), slots.cuda(), *got, mode)
+    expected = filled_buffers(batch, heads, capacity, head_dim, mode, "cpu")
+    quantize_into_reference(key, value, slots, expected, mode)
+    got = filled_buffers(batch, heads, capacity, head_dim, mode, "cuda")
+    quantize_into_triton(key.cuda(), value.cuda(), slots.cuda(), got, mode)
     for e, g in zip(expected, got):
         g = g.cpu()
         if e.dtype == torch.float32:

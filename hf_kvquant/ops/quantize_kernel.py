@@ -11,6 +11,7 @@ slower on a GPU: hence two paths.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -115,20 +116,14 @@ _launch_quantize = Launcher(_quantize_kv_kernel)
 
 
 def quantize_into_triton(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slots: torch.Tensor,
-    key_data: torch.Tensor,
-    key_scale: torch.Tensor,
-    value_data: torch.Tensor,
-    value_scale: torch.Tensor,
-    mode: KVQuantMode,
+    key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, buffers: Sequence[torch.Tensor], mode: KVQuantMode
 ) -> None:
     """`hf_kvquant.ops.reference.quantize_into_reference`'s contract, one kernel launch for keys and values.
 
     ``slots`` is a device tensor (not a Python int) so that the launch can be captured in a CUDA graph.
     Requires ``head_dim`` contiguous in the inputs and both data buffers (and both scale buffers) with equal strides.
     """
+    key_data, key_scale, value_data, value_scale = buffers
     batch, num_heads, num_tokens, head_dim = key.shape
     if num_tokens == 0:
         return

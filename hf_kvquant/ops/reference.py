@@ -20,6 +20,8 @@ masked. Rows that see no key at all (padding queries) come out as zeros.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..modes import SCALE_FLOOR, KVQuantMode
@@ -46,17 +48,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 def quantize_into_reference(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slots: torch.Tensor,
-    key_data: torch.Tensor,
-    key_scale: torch.Tensor,
-    value_data: torch.Tensor,
-    value_scale: torch.Tensor,
-    mode: KVQuantMode,
+    key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, buffers: Sequence[torch.Tensor], mode: KVQuantMode
 ) -> None:
     """Quantize ``key``/``value`` ``[batch, kv_heads, tokens, head_dim]`` and write token ``t`` into slot ``slots[t]``
-    of the cache buffers (``*_data [batch, kv_heads, capacity, head_dim]``, ``*_scale [batch, kv_heads, capacity]``)."""
+    of the cache's ``buffers = (key_data, key_scale, value_data, value_scale)``: ``*_data [batch, kv_heads, capacity,
+    head_dim]`` in the mode's storage dtype, ``*_scale [batch, kv_heads, capacity]`` float32."""
+    key_data, key_scale, value_data, value_scale = buffers
     for x, data, scale in ((key, key_data, key_scale), (value, value_data, value_scale)):
         q, s = quantize_reference(x, mode)
         # Through byte views: index_copy_ has no float8 kernel on CPU.
