@@ -9,6 +9,7 @@ from .cache import (
     QuantizedPerTokenHeadCache,
     QuantizedPerTokenHeadLayer,
     QuantizedPerTokenHeadSlidingWindowLayer,
+    QuantizedPerTokenHeadStaticLayer,
     kv_cache_nbytes,
 )
 from .integration import hf_kvquant_attention, register
@@ -26,6 +27,7 @@ __all__ = [
     "QuantizedPerTokenHeadCache",
     "QuantizedPerTokenHeadLayer",
     "QuantizedPerTokenHeadSlidingWindowLayer",
+    "QuantizedPerTokenHeadStaticLayer",
     "hadamard_matrix",
     "hf_kvquant_attention",
     "kv_cache_nbytes",

@@ -3,9 +3,15 @@
 Each layer owns four buffers, ``key/value_data [batch, kv_heads, capacity, head_dim]`` (int8 or
 float8_e4m3fn) and ``key/value_scale [batch, kv_heads, capacity]`` (float32), and never keeps a
 full-precision copy of the past. Slots ``[0, stored)`` hold the latest ``stored`` tokens in position
-order. Capacity grows in steps of a small fraction of the length (never per decode step, never by
-doubling, so the memory held stays close to the memory used), or is fixed up front by
-``max_cache_len``. What `update` hands to attention is described in `hf_kvquant.quantized_kv`.
+order. Three layer classes:
+
+* `QuantizedPerTokenHeadLayer` (full attention) grows its capacity in steps of a small fraction of the length (never
+  per decode step, never by doubling, so the memory held stays close to the memory used);
+* `QuantizedPerTokenHeadSlidingWindowLayer` keeps about one window, compacting in place;
+* `QuantizedPerTokenHeadStaticLayer` (``max_cache_len``) is preallocated with its length on the device, for compiled
+  decoding.
+
+What `update` hands to attention is described in `hf_kvquant.quantized_kv`.
 
 With ``hadamard=True`` the new keys and values are rotated by the orthogonal Hadamard matrix of
 `hf_kvquant.rotation` before they are quantized (fewer outliers per token-head, so a finer scale); the
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import replace
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, get_layer_types_and_kwargs
@@ -79,11 +86,10 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, mode: KVQuantMode | str, max_cache_len: int | None = None, hadamard: bool = False):
+    def __init__(self, mode: KVQuantMode | str, hadamard: bool = False):
         super().__init__()
         self.mode = KVQuantMode.parse(mode)
         self.hadamard = _check_hadamard(hadamard)
-        self.max_cache_len = max_cache_len
         self.cumulative_length = 0  # tokens seen so far: the position of the next token
         self.stored = 0  # tokens in slots [0, stored), the last of them at position cumulative_length - 1
         self.key_data = self.key_scale = self.value_data = self.value_scale = None
@@ -119,7 +125,7 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         return hadamard_matrix(self.key_data.shape[-1], self.device)
 
     def _initial_capacity(self) -> int:
-        return self.max_cache_len or 0
+        return 0  # grown as tokens arrive
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -203,14 +209,15 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             raise ValueError(f"key/value states are {key_states.dtype}, but this layer was filled with {self.dtype}")
 
     def _check_room(self, count: int) -> None:
-        if self.max_cache_len is not None and self.stored + count > self.max_cache_len:
-            raise ValueError(f"{self.stored + count} tokens exceed this cache's max_cache_len={self.max_cache_len}")
+        pass  # the buffers grow
 
     def _past_visible(self) -> int:
         """How many stored tokens the next forward pass attends to besides its own."""
         return self.stored
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[QuantizedKV, QuantizedKV]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[QuantizedKV, QuantizedKV]:
         """Quantize and store ``[batch, kv_heads, tokens, head_dim]`` keys and values; return what attention sees
         (the stored tokens the mask describes, the new ones included) as `QuantizedKV` views."""
         self._check_input(key_states, value_states)
@@ -221,7 +228,7 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         self._reserve(count)
         slots = _slot_range(self.device, self.stored, count)
         rotation = self.rotation
-        quantize_into(rotate(key_states, rotation), rotate(value_states, rotation), slots, *self.buffers, self.mode)
+        quantize_into(rotate(key_states, rotation), rotate(value_states, rotation), slots, self.buffers, self.mode)
         self.stored += count
         self.cumulative_length += count
         return self._view(self.stored - past_visible - count, self.stored)
@@ -237,7 +244,7 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         return self.cumulative_length
 
     def get_max_length(self) -> int:
-        return -1 if self.max_cache_len is None else self.max_cache_len
+        return -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of the next forward pass, as transformers' `DynamicLayer`."""
@@ -321,13 +328,13 @@ class QuantizedPerTokenHeadSlidingWindowLayer(QuantizedPerTokenHeadLayer):
         pending = self.cumulative_length - self._rollback_base if self.record_past else 0
         return min(self.stored, self.sliding_window - 1 + pending)
 
-    def _check_room(self, count: int) -> None:
-        pass  # a window needs no more than its own length, whatever the prompt
 
     def _past_visible(self) -> int:
         return min(self.cumulative_length, self.sliding_window - 1)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[QuantizedKV, QuantizedKV]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[QuantizedKV, QuantizedKV]:
         keys, values = super().update(key_states, value_states)
         # A whole prompt longer than the window: give the memory back (the views keep the old buffers for this step).
         keep = self._tokens_to_keep()
@@ -363,6 +370,113 @@ class QuantizedPerTokenHeadSlidingWindowLayer(QuantizedPerTokenHeadLayer):
         self._rollback_base = 0
 
 
+class QuantizedPerTokenHeadStaticLayer(QuantizedPerTokenHeadLayer):
+    """One preallocated layer for compiled decoding (``max_cache_len``), full attention or a sliding window.
+
+    All ``max_cache_len`` slots are allocated at the first update and never move, and the token count lives only on
+    the device (``length``, updated in place), so a decode step changes no shape, no address and no host integer:
+    ``torch.compile`` captures it once, in one CUDA graph. `update` hands attention the whole capacity; transformers'
+    mask for the layer (kv length ``max_cache_len``), or hf_kvquant's kernel reading ``length``, hides the slots not
+    yet written. A sliding-window layer keeps every token too (its window is applied by the mask or the kernel), so it
+    holds ``max_cache_len`` slots where the growable layer holds about one window.
+
+    An update past the capacity is refused before anything is written: with a `ValueError` on the CPU or when the
+    update alone is larger than the capacity, otherwise by a device-side assertion (on a GPU a host check would
+    synchronise every step).
+    """
+
+    is_compileable = True
+
+    def __init__(self, mode: KVQuantMode | str, max_cache_len: int, hadamard: bool = False,
+                 sliding_window: int | None = None):
+        super().__init__(mode, hadamard=hadamard)
+        self.max_cache_len = max_cache_len
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.length = None  # 0-d int64 on the layer's device: the live slots [0, length)
+        self._rotation = None
+
+    def __repr__(self) -> str:
+        window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
+        return (f"{type(self).__name__}({self._describe()}{window}, tokens={self.get_seq_length()}, "
+                f"capacity={self.max_cache_len})")
+
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        return self._rotation  # held, not looked up: a compiled step must not call the cached builder
+
+    def _initial_capacity(self) -> int:
+        return self.max_cache_len
+
+    def _check_room(self, count: int) -> None:
+        if count > self.max_cache_len:
+            raise ValueError(f"{count} new tokens exceed this cache's max_cache_len={self.max_cache_len}")
+        if not self.is_initialized:
+            return
+        if self.length.is_cuda or torch.compiler.is_compiling():
+            # Reading the count would synchronise (or break the graph): the device checks it before the write.
+            torch._assert_async(self.length + count <= self.max_cache_len,
+                                f"hf_kvquant: more tokens than this cache's max_cache_len={self.max_cache_len}")
+        elif int(self.length) + count > self.max_cache_len:
+            needed = int(self.length) + count
+            raise ValueError(f"{needed} tokens exceed this cache's max_cache_len={self.max_cache_len}")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self.hadamard:
+            self._rotation = hadamard_matrix(key_states.shape[-1], self.device)
+        if not torch.compiler.is_compiling():
+            # Fixed addresses: CUDA graphs replay over these very tensors.
+            for t in (*self.buffers, self.length):
+                torch._dynamo.mark_static_address(t)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[QuantizedKV, QuantizedKV]:
+        """Quantize and store the new tokens at slots ``[length, length + tokens)``; return the whole capacity as
+        `QuantizedKV` with ``length``."""
+        self._check_input(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self.length + torch.arange(key_states.shape[-2], device=self.device)
+        rotation = self.rotation
+        quantize_into(rotate(key_states, rotation), rotate(value_states, rotation), slots, self.buffers, self.mode)
+        self.length.add_(key_states.shape[-2])
+        keys, values = self._view(0, self.max_cache_len)
+        return replace(keys, length=self.length), replace(values, length=self.length)
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        """The token count as a device tensor (as transformers' `StaticLayer`): positions computed from it stay on the
+        device, so a compiled step never depends on a host integer."""
+        return self.length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The whole capacity, always: a fixed mask shape (as transformers' `StaticLayer`)."""
+        return self.max_cache_len, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (their slots are overwritten by the next update)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative number of tokens to remove (transformers' convention)"
+            )
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        held = int(self.length)  # not on the decode path: assisted decoding's rollback
+        if -tokens_to_remove > held:
+            raise ValueError(f"cannot remove {-tokens_to_remove} tokens from a layer holding {held}")
+        self.length.sub_(-tokens_to_remove)
+
+    def reset(self) -> None:
+        """Forget every token but keep the buffers and their addresses: the next `generate` reuses the compiled step."""
+        if self.is_initialized:
+            self.length.zero_()
+
+
 class QuantizedPerTokenHeadCache(Cache):
     """A `transformers.Cache` that keeps keys and values as INT8 or FP8 e4m3 with one scale per token per KV head.
 
@@ -370,9 +484,11 @@ class QuantizedPerTokenHeadCache(Cache):
         config: the model's config. Optional, as for `DynamicCache`; needed for hybrid models (sliding-window
             layers), and it tells the cache whether the model runs hf_kvquant's attention, which then receives
             the quantized buffers instead of dequantized copies (see `hf_kvquant.quantized_kv`).
-        mode: ``"int8_per_token_head"``, ``"fp8_per_token_head"`` or a `KVQuantMode`.
-        max_cache_len: preallocate every full-attention layer for this many tokens (no growth at all; more
-            tokens raise a `ValueError`). Without it, buffers grow in small steps as tokens arrive.
+        mode: ``"int8_per_token_head"`` / ``"int8"``, ``"fp8_per_token_head"`` / ``"fp8"``, or a `KVQuantMode`.
+        max_cache_len: preallocate every layer for this many tokens (`QuantizedPerTokenHeadStaticLayer`): no growth,
+            more tokens raise a `ValueError`, and the cache is compileable, so `generate` compiles its decode step
+            (CUDA graphs) as it does for transformers' `StaticCache`. Without it, buffers grow in small steps as tokens
+            arrive and decoding runs eagerly, as with `DynamicCache`.
         hadamard: rotate keys and values by a normalised Hadamard matrix of head_dim before quantizing
             (`hf_kvquant.rotation`). Spreads outlier channels over the whole head, so the per-token-head scale
             resolves the rest more finely: on Gemma-3-270M it cuts INT8's perplexity cost from +0.95 % to +0.13 %
@@ -384,8 +500,8 @@ class QuantizedPerTokenHeadCache(Cache):
 
     Example::
 
-        cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head")
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8", max_cache_len=4096)  # compiled decode
+        out = model.generate(**inputs, cache=cache, max_new_tokens=64)
         print(cache.nbytes)
     """
 
@@ -402,9 +518,13 @@ class QuantizedPerTokenHeadCache(Cache):
             raise ValueError(f"max_cache_len must be a positive int or None; got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
         self.config = None if config is None else config.get_text_config(decoder=True)
-        full_layer = functools.partial(
-            QuantizedPerTokenHeadLayer, self.mode, max_cache_len=max_cache_len, hadamard=self.hadamard
-        )
+        if max_cache_len is None:
+            full_layer = functools.partial(QuantizedPerTokenHeadLayer, self.mode, hadamard=self.hadamard)
+            sliding_layer = functools.partial(
+                QuantizedPerTokenHeadSlidingWindowLayer, self.mode, hadamard=self.hadamard)
+        else:
+            full_layer = sliding_layer = functools.partial(
+                QuantizedPerTokenHeadStaticLayer, self.mode, max_cache_len, hadamard=self.hadamard)
         if self.config is None:
             super().__init__(layer_class_to_replicate=full_layer)
             return
@@ -414,8 +534,7 @@ class QuantizedPerTokenHeadCache(Cache):
             if layer_type == "full_attention":
                 layers.append(full_layer())
             elif layer_type == "sliding_attention":
-                layers.append(QuantizedPerTokenHeadSlidingWindowLayer(
-                    self.mode, kwargs["sliding_window"], hadamard=self.hadamard))
+                layers.append(sliding_layer(sliding_window=kwargs["sliding_window"]))
             elif layer_type == "dummy":  # layers that reuse another layer's KV, or have no attention
                 layers.append(DummyLayer())
             else:

@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from .ops import cuda_kernels
+from . import ops
 from .ops.reference import attention_reference
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import rotate, unrotate
@@ -46,10 +46,13 @@ def _warn_once(reason: str) -> None:
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
     """The mask hf_kvquant's attention gets: the 2D padding mask over the ``kv_length`` visible tokens, or None.
 
-    The visible tokens are the last ``kv_length`` of the sequence (a sliding-window layer sees a suffix),
-    so the slice is taken from the right, as for flash attention."""
+    The visible tokens are the last ``kv_length`` of the sequence (a sliding-window layer sees a suffix), so the
+    slice is taken from the right, as for flash attention. A preallocated layer shows its whole capacity: the mask is
+    padded on the right to it (slots not yet written, which causality hides anyway), so its shape never changes."""
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
+    if attention_mask.shape[-1] < kv_length:
+        return torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
     return attention_mask[:, -kv_length:]
 
 
@@ -60,14 +63,15 @@ def attend_quantized(
     padding_mask: torch.Tensor | None,
     **options,
 ) -> torch.Tensor:
-    """The Triton kernel over the cache buffers, ``[batch, q_len, heads, head_dim]`` in the query's dtype.
+    """Attention over the cache buffers (`hf_kvquant.ops.attention`), ``[batch, q_len, heads, head_dim]`` in the
+    query's dtype.
 
     With a rotated cache the query is rotated by the keys' rotation and the output un-rotated by the values', both
     in float32 and rounded once to the query's dtype (the kernel computes in the query's dtype).
     """
     if key.rotation is not None:
         query = rotate(query, key.rotation).to(query.dtype)
-    out = cuda_kernels().attention(query, key, value, padding_mask, **options)
+    out = ops.attention(query, key, value, padding_mask, **options)
     return out if value.rotation is None else unrotate(out, value.rotation).to(out.dtype)
 
 
@@ -102,16 +106,14 @@ def hf_kvquant_attention(
                                       sliding_window=sliding_window, **kwargs)
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
     if isinstance(key, QuantizedKV) and isinstance(value, QuantizedKV):
-        if query.is_cuda and cuda_kernels() is not None:
-            return attend_quantized(query, key, value, attention_mask, **options), None
-        _warn_once("no CUDA device or no Triton: attending to dequantized keys and values in plain PyTorch (slow, "
-                   "same results)")
-        key, value = key.dequantize(), value.dequantize()
-    else:
-        _warn_once(
-            "keys and values are not QuantizedKV (the cache is not a QuantizedPerTokenHeadCache built with "
-            "config=model.config, or there is no cache): using plain-PyTorch attention"
-        )
+        if not torch.compiler.is_compiling() and (not query.is_cuda or ops.cuda_kernels() is None):
+            _warn_once("no CUDA device or no Triton: attending to dequantized keys and values in plain PyTorch (slow, "
+                       "same results)")
+        return attend_quantized(query, key, value, attention_mask, **options), None
+    _warn_once(
+        "keys and values are not QuantizedKV (the cache is not a QuantizedPerTokenHeadCache built with "
+        "config=model.config, or there is no cache): using plain-PyTorch attention"
+    )
     return attention_reference(query, key, value, attention_mask, **options), None
 
 

@@ -52,6 +52,14 @@ class KVQuantMode(str, enum.Enum):
                     return member
         raise ValueError(f"unknown KV-cache quantization mode {mode!r}; accepted: {', '.join(map(repr, mode_names()))}")
 
+    @classmethod
+    def from_kernel_format(cls, kernel_format: int) -> KVQuantMode:
+        """The mode whose `ModeSpec.kernel_format` is ``kernel_format`` (custom operators carry the mode as it)."""
+        for member in cls:
+            if member.spec.kernel_format == kernel_format:
+                return member
+        raise ValueError(f"no KV-cache mode has kernel format {kernel_format!r}")
+
     @property
     def spec(self) -> ModeSpec:
         try:

@@ -44,6 +44,9 @@ class QuantizedKV:
     ``dtype`` is the dtype of the tensors the model wrote, which a dequantized copy takes.
     ``rotation`` ``[head_dim, head_dim]`` float32: the orthogonal matrix ``R`` applied before quantizing
     (``data * scale = x @ R``), or None (``data * scale = x``).
+    ``length`` (preallocated caches, whose shapes must not change from step to step): a 0-d int64 tensor on the device,
+    the number of live slots from ``start``; ``[start, end)`` is then the whole capacity, and slots past ``length``
+    hold nothing a query may see (transformers' mask for such a layer hides them, and so does hf_kvquant's kernel).
     """
 
     data: torch.Tensor
@@ -53,6 +56,7 @@ class QuantizedKV:
     mode: KVQuantMode
     dtype: torch.dtype
     rotation: torch.Tensor | None = None
+    length: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:

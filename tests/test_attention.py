@@ -99,6 +99,29 @@ def test_lengths(mode, dtype, q_len, kv_len):
     _check(2, 4, 2, q_len, kv_len, 64, mode, dtype)
 
 
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("q_len,live,capacity,window", [
+    (1, 1, 1100, None), (1, 37, 1100, None), (1, 1090, 1100, None),  # decode: splits fixed by the capacity
+    (5, 300, 1100, None), (70, 70, 96, None), (1, 900, 1100, 64), (6, 40, 48, 16),  # prefill, window
+])
+def test_live_length_on_the_device(mode, q_len, live, capacity, window):
+    """A preallocated cache (``QuantizedKV.length``): the grid is sized by the capacity, the live length read on the
+    device; slots past it hold garbage (from `_quantized`'s spare slots) that no query may see."""
+    dtype = QUERY_DTYPES[-1]
+    full_key = _quantized(2, 2, capacity, 64, mode, start=0, spare=0, dtype=dtype)
+    full_value = _quantized(2, 2, capacity, 64, mode, start=0, spare=0, dtype=dtype)
+    length = torch.tensor(live, device=DEVICE)
+    key, value = (dataclasses.replace(kv, length=length) for kv in (full_key, full_value))
+    query = torch.randn(2, 4, q_len, 64).to(device=DEVICE, dtype=dtype)
+    mask = _left_padding(2, capacity, [0, 3])
+    out = quantized_attention(query, key, value, mask, sliding_window=window)
+    live_key, live_value = (dataclasses.replace(kv, end=live, dtype=torch.float32).dequantize()
+                            for kv in (full_key, full_value))
+    expected = attention_reference(query.float(), live_key, live_value, mask[:, :live], sliding_window=window)
+    error = (out.float() - expected).abs().max().item()
+    assert error <= TOLERANCE[dtype] * expected.abs().max().item(), f"max error {error}"
+
+
 def _random_quantized(batch, kv_heads, kv_len, head_dim, mode):
     """Random stored values and scales straight on the GPU (too large to quantize on the host)."""
     data = torch.randint(-128, 128, (batch, kv_heads, kv_len, head_dim), device="cuda", dtype=torch.int8)

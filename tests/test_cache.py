@@ -11,8 +11,7 @@ import copy
 import pytest
 import torch
 from conftest import requires_cuda
-from transformers import LlamaForCausalLM
-from transformers import DynamicCache, Gemma3TextConfig, LlamaConfig
+from transformers import DynamicCache, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import hf_kvquant.cache as cache_mod
@@ -108,11 +107,11 @@ def as_tensors(kv):
 class TwinLayer:
     """Our layer beside transformers' dynamic layer of the same kind; every operation goes to both and is checked."""
 
-    def __init__(self, mode, sliding_window=None, max_cache_len=None, hadamard=False):
+    def __init__(self, mode, sliding_window=None, hadamard=False):
         self.mode = KVQuantMode.parse(mode)
         self.hadamard = hadamard
         if sliding_window is None:
-            self.ours = QuantizedPerTokenHeadLayer(mode, max_cache_len=max_cache_len, hadamard=hadamard)
+            self.ours = QuantizedPerTokenHeadLayer(mode, hadamard=hadamard)
         else:
             self.ours = QuantizedPerTokenHeadSlidingWindowLayer(mode, sliding_window, hadamard=hadamard)
         self.hf = DynamicLayer() if sliding_window is None else DynamicSlidingWindowLayer(sliding_window)
@@ -155,7 +154,7 @@ def snapshot(cache):
             continue
         state.append(
             dict(
-                seq=layer.get_seq_length(), stored=layer.stored, capacity=layer.capacity,
+                seq=int(layer.get_seq_length()), stored=layer.stored, capacity=layer.capacity,
                 initialized=layer.is_initialized, ptrs=[t.data_ptr() for t in layer.buffers],
                 bytes=[_bytes(t).clone() for t in layer.buffers],
                 dtype=getattr(layer, "dtype", None), device=getattr(layer, "device", None),
@@ -732,7 +731,8 @@ def test_early_initialization(max_cache_len):
     cache = QuantizedPerTokenHeadCache(config=config, mode="fp8_per_token_head", max_cache_len=max_cache_len)
     cache.early_initialization(batch_size=2, num_heads=1, head_dim=64, dtype=torch.float16, device=torch.device("cpu"))
     assert cache.is_initialized
-    assert cache.layers[0].capacity == (max_cache_len or 0) and cache.layers[1].capacity == 0
+    # a preallocated cache allocates every layer whole, sliding ones included; a growable one allocates nothing yet
+    assert [layer.capacity for layer in cache.layers] == [max_cache_len or 0] * 2
     assert cache.get_seq_length(0) == 0
     hf = DynamicCache(config=config)
     tokens = Tokens(batch=2, heads=1, dtype=torch.float16, seed=28)
@@ -741,6 +741,8 @@ def test_early_initialization(max_cache_len):
             k, v = tokens(n)
             ok, _ = cache.update(k, v, layer_idx)
             hk, _ = hf.update(k, v, layer_idx)
+            if max_cache_len is not None:  # the whole capacity, of which the first tokens are live
+                ok = ok[:, :, : int(cache.get_seq_length(layer_idx))][:, :, -hk.shape[-2]:]
             assert torch.equal(ok, deq(hk, cache.mode))
     before = snapshot(cache)
     with pytest.raises(ValueError):
@@ -874,9 +876,10 @@ def test_bad_input_leaves_cache_unchanged(mode, name, layout, hadamard):
     k, v = tokens(1)
     ok, ov = as_tensors(cache.update(k, v, 0))
     all_k = torch.cat(written + [store(k, hadamard)], -2)
-    kv_len = ok.shape[-2]
-    assert kv_len == (3 if layout == "sliding" else 7)
-    assert torch.equal(ok, readback(all_k[:, :, -kv_len:], cache.mode, k.dtype, hadamard))
+    kv_len = {"sliding": 3, "full": 7, "max_cache_len": 64}[layout]  # a preallocated layer hands over its capacity
+    assert ok.shape[-2] == kv_len
+    live = min(kv_len, 7)
+    assert torch.equal(ok[:, :, :live], readback(all_k[:, :, -live:], cache.mode, k.dtype, hadamard))
 
 
 def test_unsupported_head_dim_message_lists_accepted():

@@ -4,12 +4,13 @@
 On CPU the registered function takes its plain-PyTorch path (the Triton kernel itself is held to the reference in
 test_attention.py; inside model code it runs on the GPU below)."""
 
+import copy
 import warnings
 
 import pytest
 import torch
 from conftest import requires_cuda
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, CompileConfig, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import hf_kvquant
@@ -144,8 +145,9 @@ def test_registered_attention_matches_eager_in_the_model(mode, arch, hadamard):
     """The Triton attention inside real model code (GQA; Gemma 3's sliding window, scaling) against transformers'
     eager attention over the same quantized cache, teacher-forced past the window. With ``hadamard`` the kernel reads
     rotated K/V with a rotated query, eager the un-rotated dequantized copies."""
-    import hf_kvquant
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    import hf_kvquant
 
     torch.manual_seed(0)
     if arch == "llama":
@@ -163,3 +165,123 @@ def test_registered_attention_matches_eager_in_the_model(mode, arch, hadamard):
     ours = _teacher_forced_logprobs(model, tokens, hf_kvquant.ATTENTION_NAME, mode, hadamard)
     kl = (eager.exp() * (eager - ours)).sum(-1)
     assert kl.max().item() <= 5e-3, kl.max().item()
+
+
+# -- compiled decoding over a preallocated cache ----------------------------------------------------------------------
+
+
+def _tiny_model(arch: str, attention: str):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = _tiny_llama()
+    else:  # hybrid: sliding-window layers (window 6, shorter than the prompt) and a full one
+        config = Gemma3TextConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=64, sliding_window=6,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        model = Gemma3ForCausalLM(config).eval()
+    model.set_attn_implementation(attention)
+    return model
+
+
+def _generate(model, input_ids, attention_mask, cache, compiled: bool, new_tokens: int = 24):
+    if compiled:
+        config = CompileConfig(fullgraph=True, backend="eager")  # dynamo's whole trace, without a compiler on CPU
+        config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        options = dict(compile_config=config)
+    else:
+        options = dict(disable_compile=True)
+    with torch.no_grad():
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache, do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+
+
+COMPILE_CASES = [  # (arch, attention, mode, hadamard)
+    ("llama", ATTENTION_NAME, "int8", False),
+    ("llama", ATTENTION_NAME, "fp8", False),
+    ("llama", ATTENTION_NAME, "int8", True),
+    ("llama", "sdpa", "int8", False),
+    ("gemma3", ATTENTION_NAME, "fp8", False),
+    ("gemma3", "sdpa", "int8", True),
+]
+
+
+@pytest.mark.parametrize("arch, attention, mode, hadamard", COMPILE_CASES)
+def test_compiled_generate_equals_eager_in_one_graph(arch, attention, mode, hadamard):
+    """`generate` compiles the decode step over a preallocated cache by itself (``is_compileable``): with dynamo's
+    whole-graph trace the tokens equal eager decoding over the same kind of cache, in one graph for all 24 steps, with
+    no graph break; a `reset` cache serves the next call without compiling again."""
+    from torch._dynamo.utils import counters
+
+    model = _tiny_model(arch, attention)
+    input_ids = torch.randint(1, 128, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # a left-padded row
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode=mode, max_cache_len=40, hadamard=hadamard)
+    assert cache.is_compileable
+    eager = _generate(model, input_ids, attention_mask, copy.deepcopy(cache), compiled=False)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _generate(model, input_ids, attention_mask, cache, compiled=True)
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+    cache.reset()
+    other = torch.randint(1, 128, (2, 9))
+    again = _generate(model, other, attention_mask, cache, compiled=True)
+    assert torch.equal(again, _generate(model, other, attention_mask,
+                                        QuantizedPerTokenHeadCache(config=model.config, mode=mode, max_cache_len=40,
+                                                                   hadamard=hadamard), compiled=False))
+    assert counters["stats"]["unique_graphs"] == 1, "the reset cache recompiled"
+
+
+def test_preallocated_cache_too_small_is_refused_and_left_unchanged():
+    model = _tiny_model("llama", ATTENTION_NAME)
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8", max_cache_len=12)
+    with pytest.raises(ValueError, match="13 new tokens exceed this cache's max_cache_len=12"):
+        model(torch.randint(1, 128, (1, 13)), cache=cache)
+    assert cache.get_seq_length() == 0 and cache.nbytes == 0
+    model(torch.randint(1, 128, (1, 10)), cache=cache)
+    with pytest.raises(ValueError, match="13 tokens exceed this cache's max_cache_len=12"):
+        model(torch.randint(1, 128, (1, 3)), cache=cache)
+    assert int(cache.get_seq_length()) == 10
+
+
+@requires_cuda
+@pytest.mark.parametrize("attention, mode", [(ATTENTION_NAME, "int8"), (ATTENTION_NAME, "fp8"), ("sdpa", "int8")])
+def test_compiled_generate_on_the_gpu_equals_eager(attention, mode):
+    """On the GPU, as users run it: `generate` compiles by itself (inductor, CUDA graphs) over the preallocated cache;
+    64 greedy tokens equal eager decoding's over the same kind of cache (the same kernels run in both), and a reset
+    cache runs the next call without compiling again."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    model.set_attn_implementation(attention)
+    input_ids = torch.randint(1, 256, (2, 40), device="cuda")
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :5] = 0
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=64,
+                   min_new_tokens=64)
+
+    def new_cache():
+        return QuantizedPerTokenHeadCache(config=model.config, mode=mode, max_cache_len=128)
+
+    with torch.no_grad():
+        eager = model.generate(cache=new_cache(), disable_compile=True, **options)
+        torch._dynamo.reset()
+        counters.clear()
+        cache = new_cache()
+        compiled = model.generate(cache=cache, **options)
+        graphs = counters["stats"]["unique_graphs"]
+        cache.reset()
+        again = model.generate(cache=cache, **options)
+    assert graphs == 1 and not counters["graph_break"], (dict(counters["stats"]), dict(counters["graph_break"]))
+    assert torch.equal(compiled, eager)
+    assert torch.equal(again, eager)
+    assert counters["stats"]["unique_graphs"] == graphs, "the reset cache recompiled"

@@ -148,19 +148,24 @@ def _attention_kernel(
     ks_ptr, vs_ptr, s_sb, s_sh,
     mask_ptr, mask_sb,
     o_ptr, o_sb, o_st, o_sh,
-    part_ptr, count_ptr,
+    part_ptr, count_ptr, len_ptr,
     kv_start, kv_len, q_len, num_kv_heads, tokens_per_split,
     qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
-    BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr,
 ):
     # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
     # short ones fill the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if LEN_ON_DEVICE:
+        # A preallocated cache (CUDA graphs): the grid is fixed by the capacity, the live length read here, and the
+        # splits cut it evenly (those past its end exit at once).
+        kv_len = tl.load(len_ptr).to(tl.int32)
+        tokens_per_split = tl.cdiv(tl.cdiv(kv_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     b = (pid_bh // num_kv_heads).to(tl.int64)  # b * batch stride passes 2**31 in large caches
     kv_head = pid_bh % num_kv_heads
     num_rows = q_len * GROUP
@@ -294,18 +299,22 @@ def quantized_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    own_workspace: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query [batch, heads, q_len, head_dim]`` over the quantized cache (Triton).
 
-    ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the visible tokens, or None.
+    ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the slots from ``key.start``, or None.
     Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype, as transformers' attention functions do.
+    With ``key.length`` (a preallocated cache) the live length is read on the device, so one launch serves every step.
+    ``own_workspace`` allocates the split partials for this call instead of reusing a per-stream buffer (inside a
+    captured graph).
 
     Host work is kept to a few microseconds besides the launches (`Launcher`, plain integer arithmetic): in eager
     decoding the host, not the GPU, sets the pace at small batches.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.data.shape[1]
-    kv_len = key.end - key.start
+    kv_len = key.end - key.start  # with key.length: the capacity, which sizes the grid
     group = heads // kv_heads
     num_rows = q_len * group
     if query.stride(-1) != 1:
@@ -323,7 +332,10 @@ def quantized_attention(
     tokens_per_split = _cdiv(_cdiv(kv_len, splits), block_n) * block_n
     splits = max(1, _cdiv(kv_len, tokens_per_split))
 
-    if splits > 1:
+    if splits > 1 and own_workspace:
+        partials = torch.empty(batch * kv_heads * splits * num_rows * (head_dim + 2), device=device)
+        counters = torch.zeros(row_blocks * batch * kv_heads, device=device, dtype=torch.int32)
+    elif splits > 1:
         partials, counters = _split_workspace(
             device, batch * kv_heads * splits * num_rows * (head_dim + 2), row_blocks * batch * kv_heads)
     else:
@@ -343,7 +355,7 @@ def quantized_attention(
             key.scale, value.scale, s_sb, s_sh,
             out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),
             out, o_sb, o_st, o_sh,
-            partials, counters,
+            partials, counters, out if key.length is None else key.length,
             key.start, kv_len, q_len, kv_heads, tokens_per_split,
             scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
         ),
@@ -351,7 +363,7 @@ def quantized_attention(
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
             SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=key.length is not None,
         ),
         num_warps=num_warps, num_stages=num_stages,
     )
