@@ -666,3 +666,55 @@ def test_gemma3_sliding_window_past_window(gemma3, gemma3_reference, wikitext, m
             assert layer.capacity < 0.7 * total, layer
         else:
             assert layer.stored == total, layer
+
+
+# -- compiled decoding over a preallocated cache ----------------------------------------------------------------------
+
+COMPILED_NEW_TOKENS = 24
+
+
+def _compiled_vs_eager(model, input_ids, mode):
+    """(compiled tokens, eager tokens, dynamo counters) of greedy generation over a preallocated cache: `generate`
+    compiles its decode step by itself (``is_compileable``), here with dynamo's whole-graph trace and no compiler
+    (``backend="eager"``, on the CPU)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, backend="eager")
+    config._compile_all_devices = True
+    options = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                   max_new_tokens=COMPILED_NEW_TOKENS, min_new_tokens=COMPILED_NEW_TOKENS)
+    max_len = input_ids.shape[1] + COMPILED_NEW_TOKENS
+    with torch.no_grad():
+        eager = model.generate(cache=_qcache(model, mode, max_cache_len=max_len), disable_compile=True, **options)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = model.generate(cache=_qcache(model, mode, max_cache_len=max_len), compile_config=config, **options)
+    return compiled, eager, counters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention, mode", [("hf_kvquant", "int8"), ("sdpa", "fp8")])
+def test_smollm2_compiled_generate_equals_eager(smollm2, attention, mode):
+    model, tok = smollm2
+    model.set_attn_implementation(attention)
+    try:
+        compiled, eager, counters = _compiled_vs_eager(model, _chat_ids(tok, CHAT_PROMPTS[1]), mode)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"], dict(counters)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_gemma3_compiled_generate_equals_eager_past_the_window(gemma3, wikitext, mode):
+    """Gemma 3's sliding-window layers, compiled, with a prompt longer than their 512-token window."""
+    model, tok = gemma3
+    model.set_attn_implementation("hf_kvquant")
+    try:
+        compiled, eager, counters = _compiled_vs_eager(model, _wiki_ids(tok, wikitext, 600), mode)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"], dict(counters)
