@@ -33,8 +33,25 @@ from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import rotate, unrotate
 
 _warned: set[str] = set()
-# The names under which transformers' models pass per-head attention-sink logits to an attention function.
+# The names under which transformers' models pass attention-sink logits to an attention function.
 _SINK_ARGUMENTS = ("s_aux", "sinks")
+
+
+def _per_head_sinks(query: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """The attention-sink logits of the call, one per query head (gpt-oss's ``s_aux``), or None. Sinks of any other
+    shape (per token, as some models compute them) are refused: dropping them would give silently wrong outputs."""
+    given = [(name, kwargs[name]) for name in _SINK_ARGUMENTS if kwargs.get(name) is not None]
+    if not given:
+        return None
+    (name, sinks), heads = given[0], query.shape[1]
+    if len(given) > 1 or not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.numel() != heads:
+        shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise NotImplementedError(
+            f"hf_kvquant attention supports one attention-sink logit per query head ({heads}); the model passed "
+            f"{name!r} of shape {shape}. Load it with attn_implementation='eager' or 'sdpa': the quantized cache "
+            "works with those"
+        )
+    return sinks.reshape(heads)
 
 
 def _warn_once(reason: str) -> None:
@@ -91,20 +108,17 @@ def hf_kvquant_attention(
     heads, head_dim], None)`` out. ``key``/``value`` are `QuantizedKV` from `QuantizedPerTokenHeadCache`."""
     if dropout > 0.0:
         raise NotImplementedError(f"hf_kvquant attention is for inference: dropout={dropout} is not supported")
-    for name in _SINK_ARGUMENTS:
-        if kwargs.get(name) is not None:
-            # Sink logits join the softmax denominator; dropping them would give silently wrong outputs.
-            raise NotImplementedError(
-                f"hf_kvquant attention does not support attention sinks yet (the model passed {name!r}, as gpt-oss "
-                "does); load the model with attn_implementation='eager' or 'sdpa': the quantized cache works with those"
-            )
+    sinks = _per_head_sinks(query, kwargs)
     if attention_mask is not None and attention_mask.dim() == 4:
         # A ready-made 4D mask (custom masks): honour it exactly, through SDPA over dequantized tensors.
         _warn_once("a 4D attention mask was given; using SDPA over dequantized keys and values")
         key, value = (t.dequantize() if isinstance(t, QuantizedKV) else t for t in (key, value))
+        if sinks is not None:
+            raise NotImplementedError("hf_kvquant attention: attention sinks with a ready-made 4D mask are not "
+                                      "supported; load the model with attn_implementation='eager'")
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
                                       sliding_window=sliding_window, **kwargs)
-    options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
+    options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap, sinks=sinks)
     if isinstance(key, QuantizedKV) and isinstance(value, QuantizedKV):
         if not torch.compiler.is_compiling() and (not query.is_cuda or ops.cuda_kernels() is None):
             _warn_once("no CUDA device or no Triton: attending to dequantized keys and values in plain PyTorch (slow, "

@@ -55,7 +55,7 @@ def _left_padding(batch, kv_len, pads):
 
 
 def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.float32, pads=None,
-           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=quantized_attention):
+           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=quantized_attention, sinks=None):
     """``attend(query, key, value, mask, **options)`` against the reference over the dequantized (with ``hadamard``:
     un-rotated) keys and values."""
     torch.manual_seed(hash((batch, heads, q_len, kv_len, head_dim)) % 2**31)
@@ -64,6 +64,8 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
     query = torch.randn(batch, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
     mask = _left_padding(batch, kv_len, pads) if pads else None
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
+    if sinks is not None:
+        options["sinks"] = sinks
     out = attend(query, key, value, mask, **options)
     exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
     expected = attention_reference(query.float(), exact_key, exact_value, mask, **options)
@@ -233,3 +235,17 @@ def test_unrotated_query_on_a_rotated_cache_is_wrong():
     # The rotation must really be undone somewhere: the kernel fed the plain query over rotated K/V misses by far.
     with pytest.raises(AssertionError, match="max error"):
         _check(1, 2, 1, 1, 64, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True, attend=quantized_attention)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("q_len,kv_len,window,pads", [
+    (1, 1100, None, None), (1, 300, 64, [0, 40]), (40, 150, None, [0, 7]), (33, 80, 16, None),  # decode, prefill
+])
+def test_sinks(mode, q_len, kv_len, window, pads):
+    """Attention sinks (one logit per query head, gpt-oss) join the softmax denominator, in the split decode path and
+    in prefill, with sliding windows and padding; large sinks take most of the weight, -inf sinks none."""
+    heads = 4
+    for sinks in (torch.randn(heads) * 3, torch.full((heads,), float("-inf")), torch.tensor([9.0, -2.0, 0.0, 30.0])):
+        sinks = sinks.to(DEVICE)
+        _check(2, heads, 2, q_len, kv_len, 64, mode, QUERY_DTYPES[-1], pads=pads, sliding_window=window,
+               sinks=sinks)

@@ -105,9 +105,7 @@ def test_gemma3_sliding_window_layers_match_eager_past_the_window(mode):
     assert kl.max().item() <= 1e-5, kl.max().item()
 
 
-def test_attention_sinks_are_refused_not_dropped():
-    """gpt-oss passes per-head sink logits (``s_aux``) that join the softmax denominator; until the kernel adds them,
-    the call is refused rather than answered without them."""
+def _tiny_gpt_oss():
     from transformers import GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
@@ -116,14 +114,37 @@ def test_attention_sinks_are_refused_not_dropped():
                           num_experts_per_tok=1, layer_types=["sliding_attention", "full_attention"],
                           sliding_window=8)
     model = GptOssForCausalLM(config).eval()
-    model.set_attn_implementation(ATTENTION_NAME)
-    cache = QuantizedPerTokenHeadCache(config=model.config)
-    with pytest.raises(NotImplementedError, match="attention sinks.*'s_aux'"):
-        model(torch.tensor([[1, 2, 3]]), cache=cache)
-    # With another attention implementation the same cache serves the model, sinks included.
-    model.set_attn_implementation("eager")
-    out = model(torch.tensor([[1, 2, 3]]), cache=QuantizedPerTokenHeadCache(config=model.config))
-    assert torch.isfinite(out.logits).all()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)  # sinks that matter: some heads give them most of the weight
+    return model
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+def test_attention_sinks_match_eager_over_the_same_cache(mode):
+    """gpt-oss passes one sink logit per query head (``s_aux``): it joins each row's softmax denominator. Through
+    hf_kvquant's attention the teacher-forced distributions equal transformers' eager attention over the same
+    quantized cache (prefill and decode, sliding window included), and differ clearly when the sinks are dropped."""
+    model = _tiny_gpt_oss()
+    input_ids = torch.randint(0, 128, (2, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    eager = _logits(model, "eager", input_ids, attention_mask, mode, steps=12).log_softmax(-1)
+    ours = _logits(model, ATTENTION_NAME, input_ids, attention_mask, mode, steps=12).log_softmax(-1)
+    kl = (eager.exp() * (eager - ours)).sum(-1)
+    assert kl.max().item() <= 1e-5, kl.max().item()
+    for layer in model.model.layers:
+        layer.self_attn.sinks.data.fill_(-1e4)  # the same model with sinks of no weight: far from the real answer
+    no_sinks = _logits(model, ATTENTION_NAME, input_ids, attention_mask, mode, steps=12).log_softmax(-1)
+    assert (eager.exp() * (eager - no_sinks)).sum(-1).mean().item() > 100 * max(kl.max().item(), 1e-7)
+
+
+def test_sinks_of_another_shape_are_refused():
+    query = torch.zeros(1, 4, 3, 64)
+    per_token = torch.zeros(1, 4, 3, 1)  # one sink per token, as some models compute them
+    with pytest.raises(NotImplementedError, match="one attention-sink logit per query head.*'sinks' of shape"):
+        hf_kvquant.hf_kvquant_attention(None, query, torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 3, 64), None,
+                                        sinks=per_token)
 
 
 def _teacher_forced_logprobs(model, tokens, attn_implementation, mode, hadamard=False):

@@ -75,24 +75,25 @@ def quantize_into(
 # -- attention -------------------------------------------------------------------------------------------------------
 
 
-def _attention(query, key: QuantizedKV, value: QuantizedKV, padding_mask, scaling, sliding_window, softcap,
+def _attention(query, key: QuantizedKV, value: QuantizedKV, padding_mask, scaling, sliding_window, softcap, sinks,
                own_workspace=False) -> torch.Tensor:
     kernels = _use_kernels(query)
     if kernels is not None:
-        return kernels.attention(query, key, value, padding_mask, scaling, sliding_window, softcap, own_workspace)
+        return kernels.attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks,
+                                 own_workspace)
     end = key.end if key.length is None else key.start + int(key.length)  # the reference reads only live slots
     window = slice(key.start, end)
     k, v = (dequantize(kv.data[:, :, window], kv.scale[:, :, window], torch.float32) for kv in (key, value))
     if padding_mask is not None:
         padding_mask = padding_mask[:, : end - key.start]
-    return attention_reference(query, k, v, padding_mask, scaling, sliding_window, softcap)
+    return attention_reference(query, k, v, padding_mask, scaling, sliding_window, softcap, sinks)
 
 
 @torch.library.custom_op("hf_kvquant::attention", mutates_args=())
 def _attention_op(
     query: torch.Tensor, key_data: torch.Tensor, key_scale: torch.Tensor, value_data: torch.Tensor,
     value_scale: torch.Tensor, length: torch.Tensor, padding_mask: torch.Tensor | None, start: int, kernel_format: int,
-    scaling: float | None, sliding_window: int | None, softcap: float | None,
+    scaling: float | None, sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None,
 ) -> torch.Tensor:
     from ..quantized_kv import QuantizedKV
 
@@ -100,19 +101,19 @@ def _attention_op(
     key = QuantizedKV(key_data, key_scale, start, end, mode, query.dtype, length=length)
     value = QuantizedKV(value_data, value_scale, start, end, mode, query.dtype, length=length)
     # Inside a captured graph: partials allocated per call, from the graph's own memory.
-    return _attention(query, key, value, padding_mask, scaling, sliding_window, softcap, own_workspace=True)
+    return _attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks, own_workspace=True)
 
 
 @_attention_op.register_fake
 def _(query, key_data, key_scale, value_data, value_scale, length, padding_mask, start, kernel_format, scaling,
-      sliding_window, softcap):
+      sliding_window, softcap, sinks):
     batch, heads, q_len, head_dim = query.shape
     return query.new_empty(batch, q_len, heads, head_dim)
 
 
 def attention(query: torch.Tensor, key: QuantizedKV, value: QuantizedKV, padding_mask: torch.Tensor | None = None,
-              scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None
-              ) -> torch.Tensor:
+              scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``query [batch, heads, q_len, head_dim]`` over quantized keys and values (the rules of
     `attention_reference`): the Triton kernel on CUDA tensors, dequantize + reference everywhere else. Returns
     ``[batch, q_len, heads, head_dim]`` in the query's dtype."""
@@ -122,5 +123,5 @@ def attention(query: torch.Tensor, key: QuantizedKV, value: QuantizedKV, padding
                              "QuantizedPerTokenHeadCache with max_cache_len")
         return torch.ops.hf_kvquant.attention(
             query, key.data, key.scale, value.data, value.scale, key.length, padding_mask, key.start,
-            key.mode.spec.kernel_format, scaling, sliding_window, softcap)
-    return _attention(query, key, value, padding_mask, scaling, sliding_window, softcap)
+            key.mode.spec.kernel_format, scaling, sliding_window, softcap, sinks)
+    return _attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks)

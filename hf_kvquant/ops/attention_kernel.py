@@ -135,7 +135,13 @@ def _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row
 
 
 @triton.jit
-def _store_rows(o_ptr, acc, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh):
+def _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh, sink_ptr,
+                HAS_SINKS: tl.constexpr):
+    if HAS_SINKS:
+        # A sink is one more logit in each query head's softmax denominator, with no value: exp(sink - max) joins the
+        # sum (a row that saw no key gives all its weight to the sink: zeros).
+        sink = tl.load(sink_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * LOG2E
+        l_i = l_i + tl.exp2(sink - m_i)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key at all (padding queries): zeros
     tl.store(o_ptr + b * o_sb + q_idx[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
@@ -148,13 +154,13 @@ def _attention_kernel(
     ks_ptr, vs_ptr, s_sb, s_sh,
     mask_ptr, mask_sb,
     o_ptr, o_sb, o_st, o_sh,
-    part_ptr, count_ptr, len_ptr,
+    part_ptr, count_ptr, len_ptr, sink_ptr,
     kv_start, kv_len, q_len, num_kv_heads, tokens_per_split,
     qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
-    BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr,
+    BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
     # short ones fill the tail.
@@ -229,9 +235,11 @@ def _attention_kernel(
             tl.atomic_xchg(counter, 0)  # ready for the next launch
             acc, m_i, l_i = _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row_valid,
                                           offs_d, d_valid, BLOCK_M, BLOCK_D, HEAD_DIM)
-            _store_rows(o_ptr, acc, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh)
+            _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh, sink_ptr,
+                        HAS_SINKS)
     else:
-        _store_rows(o_ptr, acc, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh)
+        _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh, sink_ptr,
+                    HAS_SINKS)
 
 
 _launch_attention = Launcher(_attention_kernel)
@@ -299,11 +307,13 @@ def quantized_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     own_workspace: bool = False,
 ) -> torch.Tensor:
     """Attention of ``query [batch, heads, q_len, head_dim]`` over the quantized cache (Triton).
 
-    ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the slots from ``key.start``, or None.
+    ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the slots from ``key.start``, or None; ``sinks``
+    ``[heads]`` one logit per query head that joins the softmax's denominator (gpt-oss), or None.
     Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype, as transformers' attention functions do.
     With ``key.length`` (a preallocated cache) the live length is read on the device, so one launch serves every step.
     ``own_workspace`` allocates the split partials for this call instead of reusing a per-stream buffer (inside a
@@ -355,7 +365,7 @@ def quantized_attention(
             key.scale, value.scale, s_sb, s_sh,
             out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),
             out, o_sb, o_st, o_sh,
-            partials, counters, out if key.length is None else key.length,
+            partials, counters, out if key.length is None else key.length, out if sinks is None else sinks,
             key.start, kv_len, q_len, kv_heads, tokens_per_split,
             scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
         ),
@@ -364,6 +374,7 @@ def quantized_attention(
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
             SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=key.length is not None,
+            HAS_SINKS=sinks is not None,
         ),
         num_warps=num_warps, num_stages=num_stages,
     )

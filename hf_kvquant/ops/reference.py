@@ -15,7 +15,8 @@ position ``kv_len - q_len + i`` (the new tokens are the last ones) and sees key 
     padding_mask[b, j]                              (left-padded batches; None: no padding)
 
 Scores are ``(q . k[j]) * scaling``, soft-capped as ``softcap * tanh(score / softcap)`` when asked (Gemma 2), then
-masked. Rows that see no key at all (padding queries) come out as zeros.
+masked. Attention sinks (gpt-oss: one logit per query head) join each row's softmax denominator and carry no value.
+Rows that see no key at all (padding queries) come out as zeros.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def attention_reference(
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over full-precision (e.g. dequantized) ``key``/``value`` ``[batch, kv_heads, kv_len, head_dim]``, by
     the rules in this module's docstring. Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype."""
@@ -89,5 +91,10 @@ def attention_reference(
     visible = visible[None, None]
     if padding_mask is not None:
         visible = visible & padding_mask[:, None, None, :].bool()
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink_column = sinks.float().reshape(1, heads, 1, 1).expand(batch, heads, q_len, 1)
+        probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (probs @ v).to(query.dtype).transpose(1, 2).contiguous()
