@@ -1,13 +1,20 @@
 """What a bench_generate run shows (eval/bench_generate.py's outputs): the issue's targets checked against the
 measurements, the markdown tables and the plot, written beside the JSON (``--replot`` redraws them from it).
+
+Two sets of targets: the eager ones (INT8 against DynamicCache and transformers' QuantizedCache fp8, and what fits in
+a memory budget), and the compiled ones (INT8 + compile against transformers' StaticCache + compile, the anchor: wall
+ms/step, the speed-up over eager INT8, FP8 against INT8, peak KV memory, compile time; StaticCache is the faster of
+its cuDNN and no-cuDNN SDPA runs in each row). A target whose caches did not run in this run is listed by name only.
+The compiled comparison has its own tables.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from common import GIB, versions_line, write_results
-from generate_speed import CACHES, REPEATED_PREFILL_TOKENS
+from generate_speed import CACHES, COMPILED, REPEATED_PREFILL_TOKENS
 
 
 def _row_label(row: dict) -> str:
@@ -24,8 +31,15 @@ def _get(row: dict, key: str, field: str):
     return entry.get(field)
 
 
+# Rows (shape, batch, prompt) of the compiled targets: INT8 + compile no slower than StaticCache + compile where the
+# cache is small, and well faster where reading it dominates.
+COMPILED_PARITY = {("1b", 1, 2048): 1.0, ("1b", 16, 32768): 0.6, ("8b", 8, 16384): 0.6}
+COMPILED_SPEEDUP_ROW = ("1b", 1, 2048)  # where INT8 + compile must be >= 5x eager INT8
+
+
 def targets(result: dict) -> list[dict]:
-    """The issue's targets, each checked where its data exist: INT8 against DynamicCache and QuantizedCache fp8."""
+    """The issue's targets, each checked where its data exist: INT8 against DynamicCache and QuantizedCache fp8
+    (eager), INT8 + compile against StaticCache + compile."""
     checks = []
 
     def check(name, where, value, limit, higher_is_better):
@@ -45,12 +59,42 @@ def targets(result: dict) -> list[dict]:
         check("peak decode KV memory INT8 / DynamicCache <= 0.55", where,
               _ratio(_get(row, "int8", "peak_decode_kv_bytes"), _get(row, "dynamic", "peak_decode_kv_bytes")),
               0.55, False)
+        _compiled_targets(row, where, check)
     for search in result["search"]:
         for field, what in (("max_batch", f"largest batch at {search['context']}"),
                             ("max_context", "longest context at batch 1")):
             check(f"{what} INT8 / DynamicCache >= 1.8", f"{search['shape']}, {search['budget_gib']:g} GiB",
                   _ratio(_get(search, "int8", field), _get(search, "dynamic", field)), 1.8, True)
     return checks
+
+
+def _anchor(row: dict) -> str:
+    """The StaticCache + compile of a row that the compiled targets use: the faster of cuDNN SDPA (the default) and
+    the other SDPA kernels."""
+    runs = [k for k in ("static_compiled", "static_compiled_no_cudnn") if _get(row, k, "ms_per_step_wall")]
+    return min(runs, key=lambda k: _get(row, k, "ms_per_step_wall")) if runs else "static_compiled"
+
+
+def _compiled_targets(row: dict, where: str, check) -> None:
+    """The compiled targets of one row (wall ms/step: lower is better), against the faster StaticCache + compile."""
+    wall = functools.partial(_get, row, field="ms_per_step_wall")
+    shape, anchor = (row["shape"], row["batch"], row["prompt"]), _anchor(row)
+    if anchor != "static_compiled":
+        where += " (vs no cuDNN SDPA)"
+    if shape in COMPILED_PARITY:
+        limit = COMPILED_PARITY[shape]
+        check(f"wall ms/step INT8 compiled / StaticCache compiled <= {limit:g}", where,
+              _ratio(wall(key="int8_compiled"), wall(key=anchor)), limit, False)
+    if shape == COMPILED_SPEEDUP_ROW:
+        check("wall speed-up INT8 compiled over eager INT8 >= 5", where,
+              _ratio(wall(key="int8"), wall(key="int8_compiled")), 5.0, True)
+    check("wall ms/step FP8 compiled / INT8 compiled <= 1.1", where,
+          _ratio(wall(key="fp8_compiled"), wall(key="int8_compiled")), 1.1, False)
+    peak = functools.partial(_get, row, field="peak_decode_kv_bytes")
+    check("peak decode KV memory INT8 compiled / StaticCache compiled <= 0.55", where,
+          _ratio(peak(key="int8_compiled"), peak(key=anchor)), 0.55, False)
+    check("compile s INT8 compiled / StaticCache compiled <= 1.5 (aim)", where,
+          _ratio(_get(row, "int8_compiled", "compile_s"), _get(row, anchor, "compile_s")), 1.5, False)
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -63,6 +107,63 @@ def fmt(value, fmt: str = ".2f", scale: float = 1.0) -> str:
     if value is None:
         return "–"
     return format(value, fmt) if fmt == "d" else format(value / scale, fmt)
+
+
+def _compiled_table(result: dict) -> list[str]:
+    """The compiled comparison: wall ms/step of StaticCache + compile (cuDNN SDPA and not), INT8 and FP8 + compile,
+    eager INT8, their ratios (against the faster StaticCache), compile seconds, peak KV memory, and how compiled tokens
+    compare with eager ones."""
+    rows = [r for r in result["rows"] if any(k in r["caches"] for k in COMPILED)]
+    if not rows:
+        return []
+    s = result["settings"]
+    keys = ("static_compiled", "int8_compiled", "fp8_compiled")
+
+    def arrow(row, field, form=".2f", scale=1.0, keys=keys):
+        return " → ".join(fmt(_get(row, k, field), form, scale) for k in keys)
+
+    def match(row, key):
+        entry = row["caches"].get(key) or {}
+        if "tokens_match_eager" not in entry:
+            return "–"
+        return ("yes" if entry["tokens_match_eager"] else f"{entry['tokens_matched_steps']}") + (
+            f", {entry['tokens_agreement']:.0%}, {entry['max_logit_gap']:.2f}/{entry['median_top2_margin']:.2f}")
+
+    lines = ["## Compiled decoding vs StaticCache + compile", "",
+             "Each decode step through `model.get_compiled_call(CompileConfig(fullgraph=True))` as `generate` runs it "
+             f"(backend {s.get('compile_backend')}, mode {s.get('compile_mode') or 'default'}), fed what `generate` "
+             "feeds it, over a cache preallocated for the prompt + the row's decode steps; prefill eager. Wall ms/step "
+             "as above (GPU ms/step: the table of every row; the profiler sees the kernels inside CUDA graphs). "
+             "StaticCache runs with PyTorch's default SDPA choice (cuDNN on torch 2.11 + Hopper) and, where run, "
+             "without cuDNN (`no cuDNN`); the ratios and targets use the faster. Compile s: the first compiled step "
+             "(synchronised), "
+             "compilation included, each cache compiled cold (dynamo reset, fresh inductor/Triton cache dir, the "
+             f"process's one-time costs paid before the first row: {fmt(result.get('compile_prewarm_s'), '.0f')} s).",
+             "",
+             "| row | StaticCache + compile ms/step | no cuDNN | INT8 + compile | FP8 + compile | INT8 eager "
+             "| INT8c / Static | FP8c / INT8c | INT8 eager / INT8c | compile s Static → INT8 → FP8 "
+             "| peak KV GiB Static → INT8 → FP8 |", "|" + " --- |" * 11]
+    for row in rows:
+        wall = functools.partial(_get, row, field="ms_per_step_wall")
+        anchor = _anchor(row)
+        lines.append(
+            f"| {_row_label(row)} | {fmt(wall(key='static_compiled'))} | {fmt(wall(key='static_compiled_no_cudnn'))} "
+            f"| {fmt(wall(key='int8_compiled'))} | {fmt(wall(key='fp8_compiled'))} | {fmt(wall(key='int8'))} "
+            f"| {fmt(_ratio(wall(key='int8_compiled'), wall(key=anchor)))} "
+            f"| {fmt(_ratio(wall(key='fp8_compiled'), wall(key='int8_compiled')))} "
+            f"| {fmt(_ratio(wall(key='int8'), wall(key='int8_compiled')), '.1f')} "
+            f"| {arrow(row, 'compile_s', '.1f', keys=(anchor, *keys[1:]))} "
+            f"| {arrow(row, 'peak_decode_kv_bytes', '.2f', GIB, keys=(anchor, *keys[1:]))} |")
+    shown = [k for k in COMPILED if any(k in r["caches"] for r in rows)]
+    lines += ["", f"Compiled tokens against the same cache decoded eagerly over {s.get('match_steps')} greedy steps, "
+              "eager fed the compiled tokens: `yes` (all equal), or the leading steps equal in every sequence (eager "
+              "greedy decoding matches that long); then the share of (sequence, step) equal, and the largest logit "
+              "gap where eager prefers another token / the median gap between eager's top two logits (random "
+              "weights: near-ties are common, and inductor's fused bf16 arithmetic rounds differently from eager's; "
+              "a broken step would disagree almost everywhere).", "",
+              "| row | " + " | ".join(CACHES[k][0] for k in shown) + " |", "|" + " --- |" * (len(shown) + 1)]
+    lines += [f"| {_row_label(row)} | " + " | ".join(match(row, k) for k in shown) + " |" for row in rows]
+    return [*lines, ""]
 
 
 def markdown(result: dict) -> str:
@@ -94,7 +195,9 @@ def markdown(result: dict) -> str:
             f"| {fmt(_get(row, 'dynamic', 'gpu_ms_per_step'))} → {fmt(_get(row, 'int8', 'gpu_ms_per_step'))} "
             f"| {fmt(_get(row, 'dynamic', 'peak_decode_kv_bytes'), '.2f', GIB)} → "
             f"{fmt(_get(row, 'int8', 'peak_decode_kv_bytes'), '.2f', GIB)} |")
-    lines += ["## Headline (wall-clock decode, for the README)", "", *headline, ""]
+    if any("dynamic" in row["caches"] or "hf_fp8" in row["caches"] for row in result["rows"]):
+        lines += ["## Headline (wall-clock decode, for the README)", "", *headline, ""]
+    lines += _compiled_table(result)
 
     lines += ["## Every row and cache", "",
               "| row | cache | prefill ms | decode tok/s | ms/step wall | GPU ms/step | host gap ms | peak decode GiB "
@@ -141,8 +244,12 @@ def markdown(result: dict) -> str:
     checks = targets(result)
     lines += ["## Targets (issue 5)", "", "| target | where | measured | met |", "| --- | --- | --- | --- |"]
     for c in checks:
-        lines.append(f"| {c['target']} | {c['where']} | {fmt(c['value'], '.3f')} "
-                     f"| {'–' if c['met'] is None else ('yes' if c['met'] else '**no**')} |")
+        if c["value"] is not None:
+            lines.append(f"| {c['target']} | {c['where']} | {fmt(c['value'], '.3f')} "
+                         f"| {'yes' if c['met'] else '**no**'} |")
+    unmeasured = list(dict.fromkeys(c["target"] for c in checks if c["value"] is None))
+    if unmeasured:
+        lines += ["", "Without data in this run (their caches did not run, or failed): " + "; ".join(unmeasured) + "."]
     lines.append("")
 
     missed = {c["where"] for c in checks if c["met"] is False and ("tok/s" in c["target"] or "GPU" in c["target"])}
@@ -234,8 +341,8 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def save(result: dict, out_dir: Path, with_plot: bool = False) -> None:
+def save(result: dict, out_dir: Path, with_plot: bool = False, name: str = "bench_generate") -> None:
     result["targets"] = targets(result)
-    write_results(out_dir, "bench_generate", result, markdown(result))
-    if with_plot and not plot(result, Path(out_dir) / "bench_generate.png"):
+    write_results(out_dir, name, result, markdown(result))
+    if with_plot and not plot(result, Path(out_dir) / f"{name}.png"):
         print("matplotlib is not installed: no plot (draw it elsewhere with --replot)")

@@ -1,6 +1,7 @@
 """eval/bench_generate.py, the end-to-end generation benchmark, through its CPU smoke path (``--device cpu --tiny``):
-the same code as the GPU run on a 2-layer model, one short row, every cache, and the memory-budget search; and its
-parts (eval/generate_speed.py, eval/generate_budget.py) where a test needs them directly.
+the same code as the GPU run on a 2-layer model, one short row, every eager cache, and the memory-budget search; the
+compiled caches (``--compiled``, dynamo's trace with the eager backend: fast on CPU); and its parts
+(eval/generate_speed.py, eval/generate_budget.py) where a test needs them directly.
 
 The GPU figures themselves come from running the script on an H100 (see `eval/results/bench_generate.md`).
 """
@@ -25,7 +26,7 @@ import generate_budget
 import generate_speed
 
 HAS_QUANTO = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
-BATCH, PROMPT, STEPS, REPEATS, WARMUP_STEPS = 2, 256, 2, 2, 2
+BATCH, PROMPT, STEPS, REPEATS, WARMUP_STEPS, MATCH_STEPS = 2, 256, 2, 2, 2, 4
 SEARCH_CONTEXT = 128
 
 
@@ -50,7 +51,7 @@ def test_every_cache_runs_and_reports_positive_finite_numbers(run):
     assert result["complete"]
     (row,) = result["rows"]
     assert (row["shape"], row["batch"], row["prompt"]) == ("tiny", BATCH, PROMPT)
-    expected = [key for key in generate_speed.CACHES if HAS_QUANTO or key != "hf_quanto_int4"]
+    expected = [key for key in generate_speed.EAGER_CACHES if HAS_QUANTO or key != "hf_quanto_int4"]  # the default
     assert list(row["caches"]) == expected
     for key, entry in row["caches"].items():
         assert "error" not in entry, (key, entry.get("error"))
@@ -62,6 +63,60 @@ def test_every_cache_runs_and_reports_positive_finite_numbers(run):
         assert entry["kv_tokens"] == PROMPT + WARMUP_STEPS + STEPS * REPEATS
         assert entry["gpu_ms_per_step"] is None and entry["peak_decode_kv_bytes"] is None  # no GPU here
         assert entry["top_cpu_ops"], key  # the profiler ran and was parsed
+
+
+@pytest.fixture(scope="module")
+def compiled_run(tmp_path_factory):
+    """(result, out_dir) of the compiled preset on the tiny model: dynamo's whole trace (backend eager, fast on CPU),
+    every compiled cache against eager INT8, one row."""
+    out = tmp_path_factory.mktemp("bench_generate_compiled")
+    result = bench_generate.main([
+        "--device", "cpu", "--tiny", "--compiled", "--rows", f"tiny:{BATCH}x{PROMPT}", "--steps", str(STEPS),
+        "--repeats", str(REPEATS), "--warmup-steps", str(WARMUP_STEPS), "--match-steps", str(MATCH_STEPS),
+        "--compile-backend", "eager", "--no-progress", "--out-dir", str(out), "--name", "compiled",
+    ])
+    return result, out
+
+
+def test_compiled_caches_run_compile_once_and_match_eager(compiled_run):
+    result, out = compiled_run
+    assert result["complete"] and not result["search"]
+    assert result["settings"]["compile_backend"] == "eager" and result["settings"]["compile_mode"] is None
+    assert _positive(result["compile_prewarm_s"])
+    (row,) = result["rows"]
+    assert list(row["caches"]) == ["static_compiled", "int8_compiled", "fp8_compiled", "int8"]
+    for key, entry in row["caches"].items():
+        assert "error" not in entry, (key, entry.get("error"))
+        for field in ("prefill_ms", "decode_tok_s", "ms_per_step_wall", "kv_bytes"):
+            assert _positive(entry[field]), (key, field, entry[field])
+        assert entry["kv_tokens"] == PROMPT + WARMUP_STEPS + STEPS * REPEATS  # the compiled step is a warm-up step
+        if key == "int8":
+            assert "compile_s" not in entry and "tokens_match_eager" not in entry
+            continue
+        assert _positive(entry["compile_s"]) and entry["compile_warmup_s"] >= 0
+        assert entry["graphs_compiled"] == 1, (key, entry["graphs_compiled"])  # no recompilation in any step
+        assert entry["max_cache_len"] == PROMPT + WARMUP_STEPS + STEPS * REPEATS + 2 + MATCH_STEPS  # tiny: 2 profiled
+        assert entry["tokens_match_eager"] is True and entry["tokens_matched_steps"] == MATCH_STEPS, key
+        assert entry["tokens_agreement"] == 1.0 and entry["max_logit_gap"] == 0.0, key
+        assert entry["median_top2_margin"] >= 0
+    caches = row["caches"]
+    assert caches["int8_compiled"]["kv_bytes"] < 0.6 * caches["static_compiled"]["kv_bytes"]  # same slots, 1 byte
+    assert caches["int8_compiled"]["kv_bytes"] == caches["fp8_compiled"]["kv_bytes"]
+    text = (out / "compiled.md").read_text()
+    assert "## Compiled decoding vs StaticCache + compile" in text and "| tiny 2x256 |" in text
+    assert "## Headline" not in text  # no eager baseline ran
+    assert any(t["target"].startswith("compile s INT8 compiled") and t["met"] is not None for t in result["targets"])
+
+
+def test_compiled_run_merges_with_another(compiled_run, run):
+    """Two invocations (e.g. the 1B rows and the 8B rows) are merged into one report by --replot --merge."""
+    (_, compiled_out), (eager, eager_out) = compiled_run, run
+    (compiled_out / "eager.json").write_text((eager_out / "bench_generate.json").read_text())
+    merged = bench_generate.main(["--replot", "--out-dir", str(compiled_out), "--merge", "compiled,eager",
+                                  "--name", "merged"])
+    assert len(merged["rows"]) == 2 and merged["search"] == eager["search"]
+    text = (compiled_out / "merged.md").read_text()
+    assert "## Headline" in text and "## Compiled decoding" in text and "## Memory budget" in text
 
 
 def test_quantized_caches_hold_fewer_bytes_than_dynamic_cache(run):
