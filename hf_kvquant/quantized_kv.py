@@ -23,6 +23,7 @@ attend to the same numbers.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,17 @@ from .rotation import unrotate
 
 # The name under which hf_kvquant's attention is registered with transformers' AttentionInterface.
 ATTENTION_NAME = "hf_kvquant"
+
+_warned_dequantized = False
+
+
+def _warn_dequantized(what) -> None:
+    global _warned_dequantized
+    if not _warned_dequantized:
+        _warned_dequantized = True
+        name = getattr(what, "__name__", what)
+        warnings.warn(f"hf_kvquant: the model transforms the cached keys or values ({name}) before attention; it gets "
+                      "dequantized tensors there, and attention runs in plain PyTorch (correct, slower)", stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,30 @@ class QuantizedKV:
     @property
     def device(self) -> torch.device:
         return self.data.device
+
+    # -- any other consumer gets the tensor this stands for ------------------------------------------------------
+    # Some models transform the keys or values that `update` returns before attention sees them (splitting heads,
+    # transposing, repeating). Such code gets the dequantized tensor, as it would from any other attention: a torch
+    # function or tensor method called on a QuantizedKV runs on `dequantize()` (once warned), and hf_kvquant's
+    # attention, handed plain tensors, takes its plain-PyTorch path. Only a model whose attention reads the buffers as
+    # returned gets the kernel.
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        _warn_dequantized(func)
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda x: x.dequantize() if isinstance(x, QuantizedKV) else x, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and friends look for these: not a tensor's business
+            raise AttributeError(name)
+        _warn_dequantized(name)
+        return getattr(self.dequantize(), name)
+
+    def __getitem__(self, index):
+        _warn_dequantized("indexing")
+        return self.dequantize()[index]
 
     def dequantize(self) -> torch.Tensor:
         """A dequantized, un-rotated copy ``[batch, kv_heads, end - start, head_dim]`` in ``dtype``."""

@@ -306,3 +306,26 @@ def test_compiled_generate_on_the_gpu_equals_eager(attention, mode):
     assert torch.equal(compiled, eager)
     assert torch.equal(again, eager)
     assert counters["stats"]["unique_graphs"] == graphs, "the reset cache recompiled"
+
+
+@pytest.mark.parametrize("arch", ["diffllama", "jetmoe"])
+def test_models_that_transform_the_cached_keys_and_values_get_tensors(arch, monkeypatch):
+    """Some models reshape, split or repeat what `update` returns before attention sees it: under hf_kvquant's
+    attention they get the dequantized tensors there (not an AttributeError deep inside the model), and their outputs
+    equal eager attention's over the same quantized cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import hf_kvquant.quantized_kv
+
+    monkeypatch.setattr(hf_kvquant.quantized_kv, "_warned_dequantized", False)  # warned once per process
+    config = AutoConfig.for_model(arch, vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(0, 128, (2, 12))
+    attention_mask = torch.ones_like(input_ids)
+    eager = _logits(model, "eager", input_ids, attention_mask, "int8").log_softmax(-1)
+    with pytest.warns(UserWarning, match="transforms the cached keys or values"):
+        ours = _logits(model, ATTENTION_NAME, input_ids, attention_mask, "int8").log_softmax(-1)
+    kl = (eager.exp() * (eager - ours)).sum(-1)
+    assert kl.max().item() <= 1e-5, kl.max().item()
