@@ -139,12 +139,20 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         spec = self.mode.spec
         codes_per_head = head_dim // spec.values_per_byte
         # All four buffers are built before any is replaced: an allocation failure changes nothing.
-        new = (
-            torch.zeros(batch, heads, capacity, codes_per_head, dtype=spec.storage_dtype, device=self.device),
-            torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
-            torch.zeros(batch, heads, capacity, codes_per_head, dtype=spec.storage_dtype, device=self.device),
-            torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
-        )
+        try:
+            new = (
+                torch.zeros(batch, heads, capacity, codes_per_head, dtype=spec.storage_dtype, device=self.device),
+                torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
+                torch.zeros(batch, heads, capacity, codes_per_head, dtype=spec.storage_dtype, device=self.device),
+                torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
+            )
+        except torch.OutOfMemoryError as e:
+            asked = 2 * batch * heads * capacity * (codes_per_head * spec.storage_dtype.itemsize + 4)
+            raise torch.OutOfMemoryError(
+                f"hf_kvquant: out of memory on {self.device} allocating {asked} bytes for {capacity} slots of a layer "
+                f"(batch {batch}, kv_heads {heads}, head_dim {head_dim}) that holds {self.nbytes} bytes; the layer keeps "
+                "its buffers"
+            ) from e
         for old, fresh in zip(self.buffers, new):
             _as_bytes(fresh)[:, :, : self.stored - drop] = _as_bytes(old)[:, :, drop : self.stored]
         self.key_data, self.key_scale, self.value_data, self.value_scale = new
@@ -164,10 +172,10 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             return
         drop = self.stored - self._tokens_to_keep()
         if drop > 0 and self.stored - drop + count <= self.capacity:
-            # Move the tokens still needed to the front, in place.
-            for t in self.buffers:
-                t = _as_bytes(t)
-                t[:, :, : self.stored - drop] = t[:, :, drop : self.stored].clone()
+            # Move the tokens still needed to the front, in place (all copies made first: a failure changes nothing).
+            kept = [_as_bytes(t)[:, :, drop : self.stored].clone() for t in self.buffers]
+            for t, k in zip(self.buffers, kept):
+                _as_bytes(t)[:, :, : self.stored - drop] = k
             self.stored -= drop
         else:
             self._reallocate(_grown_capacity(self.stored - drop + count), drop)
@@ -250,23 +258,23 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         """(kv_length, kv_offset) of the next forward pass, as transformers' `DynamicLayer`."""
         return self.cumulative_length + query_length, 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens (a negative number, as in transformers 5); ``crop(0)`` keeps all."""
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise, changing nothing, where `crop` with this argument cannot be done (the cache checks every layer
+        before it crops any)."""
         if tokens_to_remove > 0:
             raise ValueError(
                 f"crop({tokens_to_remove}): pass a negative number of tokens to remove (transformers' convention)"
             )
-        count = -tokens_to_remove
-        if not self.is_initialized:  # a layer no update reached (KV sharing): nothing to remove, as in transformers
-            return
-        if count > self.cumulative_length:
-            raise ValueError(f"cannot remove {count} tokens from a layer holding {self.cumulative_length}")
-        self._check_crop(count)
-        self.stored -= count
-        self.cumulative_length -= count
+        if self.is_initialized and -tokens_to_remove > self.cumulative_length:
+            held = self.cumulative_length
+            raise ValueError(f"cannot remove {-tokens_to_remove} tokens from a layer holding {held}")
 
-    def _check_crop(self, count: int) -> None:
-        """Raise if removing the last ``count`` tokens would leave the layer unable to serve the next step."""
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (a negative number, as in transformers 5); ``crop(0)`` keeps all."""
+        self.check_crop(tokens_to_remove)
+        if self.is_initialized:  # a layer no update reached (KV sharing): nothing to remove, as in transformers
+            self.stored += tokens_to_remove
+            self.cumulative_length += tokens_to_remove
 
     def reset(self) -> None:
         self.key_data = self.key_scale = self.value_data = self.value_scale = None
@@ -277,9 +285,9 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         """Beam search: row ``i`` becomes old row ``beam_idx[i]``, in place (the buffers keep their storage)."""
         if self.is_initialized:
             beam_idx = beam_idx.to(self.device)
-            for t in self.buffers:
-                t = _as_bytes(t)
-                t.copy_(t.index_select(0, beam_idx))
+            reordered = [_as_bytes(t).index_select(0, beam_idx) for t in self.buffers]  # all first: all or nothing
+            for t, r in zip(self.buffers, reordered):
+                _as_bytes(t).copy_(r)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -339,7 +347,10 @@ class QuantizedPerTokenHeadSlidingWindowLayer(QuantizedPerTokenHeadLayer):
         # A whole prompt longer than the window: give the memory back (the views keep the old buffers for this step).
         keep = self._tokens_to_keep()
         if self.capacity > 2 * _grown_capacity(max(keep, self.sliding_window)):
-            self._reallocate(_grown_capacity(keep), self.stored - keep)
+            try:
+                self._reallocate(_grown_capacity(keep), self.stored - keep)
+            except torch.OutOfMemoryError:
+                pass  # the tokens are stored; the larger buffer stays until a later step gives it back
         return keys, values
 
     def get_max_length(self) -> int:
@@ -354,8 +365,10 @@ class QuantizedPerTokenHeadSlidingWindowLayer(QuantizedPerTokenHeadLayer):
         self.record_past = True
         self._rollback_base = self.cumulative_length
 
-    def _check_crop(self, count: int) -> None:
-        if self.stored - count < min(self.cumulative_length - count, self.sliding_window - 1):
+    def check_crop(self, tokens_to_remove: int) -> None:
+        super().check_crop(tokens_to_remove)
+        count = -tokens_to_remove
+        if self.is_initialized and self.stored - count < min(self.cumulative_length - count, self.sliding_window - 1):
             raise RuntimeError(
                 f"cannot remove {count} tokens: this sliding-window layer no longer holds the tokens before them; "
                 "call activate_past_recording() before generating what you may roll back"
@@ -423,7 +436,11 @@ class QuantizedPerTokenHeadStaticLayer(QuantizedPerTokenHeadLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self.length = torch.zeros((), dtype=torch.int64, device=self.device)
+        try:
+            self.length = torch.zeros((), dtype=torch.int64, device=self.device)
+        except torch.OutOfMemoryError:
+            QuantizedPerTokenHeadLayer.reset(self)  # all or nothing: no buffers without a length
+            raise
         if self.hadamard:
             self._rotation = hadamard_matrix(key_states.shape[-1], self.device)
         if not torch.compiler.is_compiling():
@@ -458,18 +475,22 @@ class QuantizedPerTokenHeadStaticLayer(QuantizedPerTokenHeadLayer):
         """The whole capacity, always: a fixed mask shape (as transformers' `StaticLayer`)."""
         return self.max_cache_len, 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last ``-tokens_to_remove`` tokens (their slots are overwritten by the next update)."""
+    def check_crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(
                 f"crop({tokens_to_remove}): pass a negative number of tokens to remove (transformers' convention)"
             )
-        if not self.is_initialized or tokens_to_remove == 0:
+        if not self.is_initialized or tokens_to_remove == 0:  # a layer no update reached: nothing to remove
             return
         held = int(self.length)  # not on the decode path: assisted decoding's rollback
         if -tokens_to_remove > held:
             raise ValueError(f"cannot remove {-tokens_to_remove} tokens from a layer holding {held}")
-        self.length.sub_(-tokens_to_remove)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (their slots are overwritten by the next update)."""
+        self.check_crop(tokens_to_remove)
+        if self.is_initialized:
+            self.length.add_(tokens_to_remove)
 
     def reset(self) -> None:
         """Forget every token but keep the buffers and their addresses: the next `generate` reuses the compiled step."""
@@ -497,6 +518,13 @@ class QuantizedPerTokenHeadCache(Cache):
             queries and the output), no memory per token. Attention results are the same up to quantization; what
             `update` returns is un-rotated (`QuantizedKV.dequantize`, or plain tensors) unless the consumer reads
             the raw buffers (hf_kvquant's attention, which rotates its queries).
+
+    A non-finite key or value (an overflowing model) stays confined to its token-head: one ``inf`` or ``NaN`` element
+    makes that (batch row, kv head, token)'s scale ``inf`` or ``NaN``, so all of its values read back as ``NaN``, and
+    nothing else changes (every other token, head and row reads the same numbers; with ``hadamard=True`` too, since the
+    rotation mixes channels within a token-head only).
+
+    `save` writes the cache to a safetensors file and `load` reads it back (`hf_kvquant.persistence`).
 
     Example::
 
@@ -557,6 +585,13 @@ class QuantizedPerTokenHeadCache(Cache):
         clone.__dict__ = copy.deepcopy(self.__dict__, memo)
         return clone
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """`Cache.crop`, all layers or none: every layer is checked before any is cropped."""
+        for layer in self.layers:
+            if isinstance(layer, QuantizedPerTokenHeadLayer):
+                layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
+
     @property
     def hands_over_quantized(self) -> bool:
         """Whether `update` returns `QuantizedKV` buffers (the model runs hf_kvquant's attention) or dequantized tensors."""
@@ -577,6 +612,24 @@ class QuantizedPerTokenHeadCache(Cache):
     def nbytes(self) -> int:
         """Bytes the cache holds on its devices: allocated capacity of all layers, scales included."""
         return sum(getattr(layer, "nbytes", 0) for layer in self.layers)
+
+    def save(self, path) -> None:
+        """Write the cache to ``path``: a safetensors file of the live tokens' codes and scales, the counters and what
+        the cache was built with (`hf_kvquant.persistence` describes the format). Read it back with `load`."""
+        from .persistence import save_cache
+
+        save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, config=None, device=None, mode=None) -> QuantizedPerTokenHeadCache:
+        """A cache written by `save`, built from the model's ``config`` (as the saved one was) and checked against it:
+        layer count and types, sliding windows, kv heads, head_dim, and ``mode`` if given. Layers go to the CPU unless
+        ``device`` (one device, or one per layer) says otherwise. Raises a `ValueError` naming the mismatch on any
+        disagreement, and on a truncated, corrupted, non-safetensors or newer-format file. Continuing generation from
+        the loaded cache gives the same tokens as from the saved one."""
+        from .persistence import load_cache
+
+        return load_cache(path, config=config, device=device, mode=mode, cls=cls)
 
 
 def kv_cache_nbytes(cache: Cache) -> int:

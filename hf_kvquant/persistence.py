@@ -1,0 +1,381 @@
+"""Saving a `QuantizedPerTokenHeadCache` to a file and loading it back (`QuantizedPerTokenHeadCache.save` / `.load`).
+
+The file is a safetensors file (no pickle: loading runs no code from the file). It holds the quantized codes and the
+scales of the live tokens of each layer, never the spare capacity, so it is at most the bytes the cache holds plus a
+header of about 0.7 KB per layer (2 % of a layer holding 35 KB, e.g. 17 tokens of 8 kv heads of 128):
+
+* tensors ``layers.{i}.key_data``, ``layers.{i}.value_data`` ``[batch, kv_heads, tokens, head_dim]`` (int8 or
+  float8_e4m3fn) and ``layers.{i}.key_scale``, ``layers.{i}.value_scale`` ``[batch, kv_heads, tokens]`` (float32) for
+  every initialized layer: slots ``[0, stored)`` of a growable layer, ``[0, length)`` of a preallocated one;
+* the header's ``metadata`` (string to string, structured values JSON-encoded): ``format``
+  (``"hf_kvquant.QuantizedPerTokenHeadCache"``), ``format_version`` (``"1"``), ``mode``, ``hadamard``,
+  ``max_cache_len``, ``layers`` (one object per layer: ``type`` ``full_attention`` / ``sliding_attention`` /
+  ``dummy``, ``sliding_window``, ``initialized``; for a growable sliding layer ``record_past`` and ``rollback_base``
+  (assisted decoding's state, kept even before the first token); for an initialized layer ``dtype`` (of the keys it
+  was filled with), its counters (``stored`` and ``cumulative_length``, or ``length`` for a preallocated layer) and
+  ``crc32``, the CRC-32 of each of its four tensors), ``writer`` (the package version)
+  and ``checksum`` (the CRC-32 of all the other metadata).
+
+`load_cache` checks everything before it returns: the format and its version, the checksums (a flipped byte anywhere
+in the file is caught), the model's config (layer count and types, sliding windows, kv heads and head_dim of every
+layer), the shapes and dtypes of the tensors, the counters. Any mismatch raises a `ValueError` that names what was
+expected and what was found; the cache is built whole and returned only once everything has passed. The layers are
+placed on the CPU unless a device is given (the file does not record where the cache lived: that device may not exist
+where it is loaded). A loaded growable layer holds the capacity its growth policy gives its tokens, not necessarily the
+spare capacity the saved one had; a preallocated layer holds ``max_cache_len`` slots, the slots past its length zeroed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import zlib
+from importlib import metadata as _package_metadata
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers.cache_utils import DummyLayer
+
+from .cache import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    QuantizedPerTokenHeadCache,
+    QuantizedPerTokenHeadLayer,
+    QuantizedPerTokenHeadSlidingWindowLayer,
+    QuantizedPerTokenHeadStaticLayer,
+    _as_bytes,
+    _grown_capacity,
+)
+from .modes import KVQuantMode
+
+FORMAT_NAME = "hf_kvquant.QuantizedPerTokenHeadCache"
+FORMAT_VERSION = 1
+BUFFER_NAMES = ("key_data", "key_scale", "value_data", "value_scale")
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
+
+
+def _tensor_name(index: int, buffer: str) -> str:
+    return f"layers.{index}.{buffer}"
+
+
+def _crc32(t: torch.Tensor) -> str:
+    return f"{zlib.crc32(_as_bytes(t).contiguous().view(torch.uint8).numpy()):08x}"
+
+
+def _metadata_checksum(metadata: dict[str, str]) -> str:
+    fields = sorted((k, v) for k, v in metadata.items() if k != "checksum")
+    return f"{zlib.crc32(json.dumps(fields).encode('utf-8')):08x}"
+
+
+def _writer() -> str:
+    try:
+        return f"hf_kvquant {_package_metadata.version('hf_kvquant')}"
+    except _package_metadata.PackageNotFoundError:
+        return "hf_kvquant"
+
+
+def _layer_type(layer) -> str:
+    if isinstance(layer, DummyLayer):
+        return "dummy"
+    if isinstance(layer, QuantizedPerTokenHeadLayer):
+        return "sliding_attention" if layer.is_sliding else "full_attention"
+    raise TypeError(f"cannot save a cache layer of type {type(layer).__name__}")
+
+
+def _describe_layer(layer) -> dict:
+    entry = {"type": _layer_type(layer), "sliding_window": getattr(layer, "sliding_window", None)}
+    entry["initialized"] = isinstance(layer, QuantizedPerTokenHeadLayer) and layer.is_initialized
+    if isinstance(layer, QuantizedPerTokenHeadSlidingWindowLayer):  # assisted decoding records before any token
+        entry["record_past"] = layer.record_past
+        entry["rollback_base"] = layer._rollback_base
+    if not entry["initialized"]:
+        return entry
+    entry["dtype"] = str(layer.dtype).removeprefix("torch.")
+    if isinstance(layer, QuantizedPerTokenHeadStaticLayer):
+        entry["length"] = int(layer.length)  # a host read, once per layer: saving is not on the decode path
+    else:
+        entry["stored"] = layer.stored
+        entry["cumulative_length"] = layer.cumulative_length
+    return entry
+
+
+def _live_tokens(entry: dict) -> int:
+    return entry["length"] if "length" in entry else entry["stored"]
+
+
+def _write_file(path, tensors: dict[str, torch.Tensor], fields: dict) -> None:
+    """Write ``tensors`` and the metadata ``fields`` (``mode``, ``hadamard``, ``max_cache_len``, ``layers``, and
+    optionally ``format_version``), adding each tensor's CRC-32 to its layer and the metadata checksum. The file is
+    written beside ``path`` and renamed over it: a failed save never leaves a partial file at ``path``."""
+    layers = [dict(entry) for entry in fields["layers"]]
+    for index, entry in enumerate(layers):
+        if entry.get("initialized"):
+            names = [_tensor_name(index, name) for name in BUFFER_NAMES]
+            entry["crc32"] = {name: _crc32(tensors[n]) for name, n in zip(BUFFER_NAMES, names) if n in tensors}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(fields.get("format_version", FORMAT_VERSION)),
+        "mode": fields["mode"],
+        "hadamard": json.dumps(fields["hadamard"]),
+        "max_cache_len": json.dumps(fields["max_cache_len"]),
+        "layers": json.dumps(layers, separators=(",", ":")),
+        "writer": _writer(),
+    }
+    metadata["checksum"] = _metadata_checksum(metadata)
+    path = os.fspath(path)
+    partial = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def save_cache(cache: QuantizedPerTokenHeadCache, path) -> None:
+    """Write ``cache`` to ``path`` (safetensors; see the module docstring for the layout). Needs host memory for the
+    live tokens of the cache (they are copied to the CPU)."""
+    tensors, layers = {}, []
+    for index, layer in enumerate(cache.layers):
+        entry = _describe_layer(layer)
+        layers.append(entry)
+        if entry["initialized"]:
+            tokens = _live_tokens(entry)
+            for name, buffer in zip(BUFFER_NAMES, layer.buffers):
+                tensors[_tensor_name(index, name)] = buffer[:, :, :tokens].cpu().contiguous()
+    fields = dict(mode=cache.mode.value, hadamard=cache.hadamard, max_cache_len=cache.max_cache_len, layers=layers)
+    _write_file(path, tensors, fields)
+
+
+# -- loading ---------------------------------------------------------------------------------------------------------
+
+
+def _mismatch(path, what: str, expected, found) -> ValueError:
+    return ValueError(f"{path}: {what} mismatch: expected {expected}, found {found}")
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Turn the errors of the safetensors reader into a `ValueError` that says the file is not a readable one."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated, corrupted, or another format such as "
+                         f"a pickle): {e}") from e
+
+
+def _parse_header(path, metadata: dict[str, str]) -> dict:
+    if metadata.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is a safetensors file but not a saved QuantizedPerTokenHeadCache "
+                         f"(its metadata 'format' is {metadata.get('format')!r}, expected {FORMAT_NAME!r})")
+    version = metadata.get("format_version", "")
+    if not version.isdigit():
+        raise ValueError(f"{path}: format_version {version!r} is not a version number (corrupted header)")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written in cache format version {int(version)} by a newer hf_kvquant "
+                         f"({metadata.get('writer', 'unknown writer')}); this one reads versions up to "
+                         f"{FORMAT_VERSION}: upgrade hf_kvquant to load it")
+    if metadata.get("checksum") != _metadata_checksum(metadata):
+        raise ValueError(f"{path}: the header's checksum does not match its metadata (corrupted header): expected "
+                         f"{_metadata_checksum(metadata)}, found {metadata.get('checksum')!r}")
+    try:
+        header = {key: json.loads(metadata[key]) for key in ("hadamard", "max_cache_len", "layers")}
+        header["mode"] = KVQuantMode.parse(metadata["mode"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: malformed cache metadata: {e}") from e
+    if not isinstance(header["hadamard"], bool):
+        raise ValueError(f"{path}: malformed cache metadata: hadamard is {header['hadamard']!r}")
+    max_len = header["max_cache_len"]
+    if max_len is not None and (type(max_len) is not int or max_len <= 0):
+        raise ValueError(f"{path}: malformed cache metadata: max_cache_len is {max_len!r}")
+    if not isinstance(header["layers"], list) or not all(isinstance(e, dict) for e in header["layers"]):
+        raise ValueError(f"{path}: malformed cache metadata: layers is not a list of objects")
+    return header
+
+
+def _build_cache(path, header: dict, config, mode, cls) -> QuantizedPerTokenHeadCache:
+    """An empty cache of the file's kind, built from ``config`` (or like one built without), its layers checked
+    against the file's."""
+    if mode is not None and KVQuantMode.parse(mode) is not header["mode"]:
+        raise _mismatch(path, "mode", KVQuantMode.parse(mode).value, header["mode"].value)
+    cache = cls(config=config, mode=header["mode"], max_cache_len=header["max_cache_len"], hadamard=header["hadamard"])
+    entries = header["layers"]
+    if config is None:
+        for index, entry in enumerate(entries):
+            if entry.get("type") != "full_attention":
+                raise ValueError(f"{path}: layer {index} is {entry.get('type')!r}; a cache built without a config has "
+                                 "only full-attention layers: pass the model's config to load this file")
+            cache.layers.append(cache.layer_class_to_replicate())
+    if len(cache.layers) != len(entries):
+        raise _mismatch(path, "number of layers", f"{len(cache.layers)} (the config's)", len(entries))
+    for index, (layer, entry) in enumerate(zip(cache.layers, entries)):
+        expected_type, found_type = _layer_type(layer), entry.get("type")
+        if found_type != expected_type:
+            raise _mismatch(path, f"layer {index} type", expected_type, found_type)
+        window = getattr(layer, "sliding_window", None)
+        if entry.get("sliding_window") != window:
+            raise _mismatch(path, f"layer {index} sliding_window", window, entry.get("sliding_window"))
+        if not isinstance(entry.get("initialized"), bool):
+            raise ValueError(f"{path}: malformed cache metadata: layer {index} 'initialized' is "
+                             f"{entry.get('initialized')!r}")
+        if entry["initialized"] and isinstance(layer, DummyLayer):
+            raise ValueError(f"{path}: layer {index} is a dummy layer (no KV), but the file says it holds tokens")
+        if isinstance(layer, QuantizedPerTokenHeadSlidingWindowLayer):
+            # assisted decoding's state; set on the new cache now, which is returned only if everything passes
+            layer.record_past, layer._rollback_base = _recording(path, index, entry)
+    return cache
+
+
+def _recording(path, index: int, entry: dict) -> tuple[bool, int]:
+    """(record_past, rollback_base) of a growable sliding layer, checked: the base is a position already seen."""
+    seen = entry.get("cumulative_length") if entry["initialized"] else 0
+    record, base = entry.get("record_past"), entry.get("rollback_base")
+    if type(record) is not bool or type(base) is not int or type(seen) is not int or not 0 <= base <= seen:
+        raise ValueError(f"{path}: malformed cache metadata: layer {index} record_past/rollback_base is "
+                         f"{record!r}/{base!r} with {seen!r} tokens seen")
+    return record, base
+
+
+def _expected_shapes(config, count: int) -> list[tuple[int, int] | None]:
+    """(kv_heads, head_dim) of each layer according to ``config``, or None per layer without a config."""
+    if config is None:
+        return [None] * count
+    text = config.get_text_config(decoder=True)
+    per_layer = getattr(text, "per_layer_config", None)
+    shapes = []
+    for index in range(count):
+        c = per_layer[index] if per_layer is not None else text
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        shapes.append((heads, head_dim))
+    return shapes
+
+
+def _counter(path, index: int, entry: dict, key: str) -> int:
+    value = entry.get(key)
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{path}: malformed cache metadata: layer {index} {key} is {value!r}")
+    return value
+
+
+def _check_counters(path, index: int, entry: dict, layer, max_cache_len) -> int:
+    """Check the layer's counters against each other; return its live tokens."""
+    if isinstance(layer, QuantizedPerTokenHeadStaticLayer):
+        length = _counter(path, index, entry, "length")
+        if length > max_cache_len:
+            raise ValueError(f"{path}: layer {index} holds {length} tokens, more than max_cache_len={max_cache_len}")
+        return length
+    stored, seen = _counter(path, index, entry, "stored"), _counter(path, index, entry, "cumulative_length")
+    if isinstance(layer, QuantizedPerTokenHeadSlidingWindowLayer):
+        needed = min(seen, layer.sliding_window - 1)
+        if not needed <= stored <= seen:
+            raise ValueError(f"{path}: layer {index} (sliding window {layer.sliding_window}) has {seen} tokens seen "
+                             f"and {stored} stored; expected between {needed} and {seen} stored")
+    elif stored != seen:
+        raise _mismatch(path, f"layer {index} token count (stored vs cumulative_length)", seen, stored)
+    return stored
+
+
+def _check_tensors(path, index: int, tensors: dict, tokens: int, mode: KVQuantMode, shape, entry: dict):
+    """Check one layer's four tensors (by buffer name); return (batch, kv_heads, head_dim)."""
+    crcs = entry.get("crc32") if isinstance(entry.get("crc32"), dict) else {}
+    for name in BUFFER_NAMES:
+        full_name, t = _tensor_name(index, name), tensors[name]
+        dtype = mode.spec.storage_dtype if name.endswith("data") else torch.float32
+        if t.dtype != dtype:
+            raise _mismatch(path, f"tensor {full_name} dtype", dtype, t.dtype)
+        found = _crc32(t)
+        if found != crcs.get(name):
+            raise ValueError(f"{path}: tensor {full_name} does not match its checksum (corrupted data): expected "
+                             f"{crcs.get(name)!r}, found {found!r}")
+    key_data = tensors["key_data"]
+    if key_data.dim() != 4:
+        raise _mismatch(path, f"tensor {_tensor_name(index, 'key_data')} dimensions", 4, key_data.dim())
+    batch, heads, _, codes = key_data.shape
+    head_dim = codes * mode.spec.values_per_byte
+    expected_heads, expected_head_dim = shape if shape is not None else (heads, head_dim)
+    if heads != expected_heads:
+        raise _mismatch(path, f"layer {index} kv heads (num_key_value_heads)", expected_heads, heads)
+    if head_dim != expected_head_dim or head_dim not in SUPPORTED_HEAD_DIMS:
+        raise _mismatch(path, f"layer {index} head_dim", expected_head_dim, head_dim)
+    for name in BUFFER_NAMES:
+        full_name, t = _tensor_name(index, name), tensors[name]
+        expected = (batch, heads, tokens, codes) if name.endswith("data") else (batch, heads, tokens)
+        if tuple(t.shape) != expected:
+            raise _mismatch(path, f"tensor {full_name} shape", expected, tuple(t.shape))
+    return batch, heads, head_dim
+
+
+def _layer_devices(device, count: int) -> list[torch.device]:
+    if device is None:
+        return [torch.device("cpu")] * count
+    if isinstance(device, (str, int, torch.device)):
+        return [torch.device(device)] * count
+    devices = [torch.device(d) for d in device]
+    if len(devices) != count:
+        raise ValueError(f"device: {len(devices)} devices given for a cache of {count} layers")
+    return devices
+
+
+def _fill_layer(layer, tensors: list[torch.Tensor], entry: dict, tokens: int, dtype, device, batch, heads, head_dim):
+    empty = torch.zeros((batch, heads, 0, head_dim), dtype=dtype, device=device)
+    layer.lazy_initialization(empty, empty)  # buffers, dtype, device (and the length, rotation of a static layer)
+    if isinstance(layer, QuantizedPerTokenHeadStaticLayer):
+        layer.length.fill_(tokens)
+    else:
+        if tokens:  # the capacity the growth policy gives these tokens
+            layer._reallocate(_grown_capacity(tokens))
+        layer.stored, layer.cumulative_length = tokens, entry["cumulative_length"]
+    for buffer, t in zip(layer.buffers, tensors):
+        _as_bytes(buffer)[:, :, :tokens].copy_(_as_bytes(t))
+
+
+def load_cache(path, config=None, device=None, mode=None, cls=QuantizedPerTokenHeadCache):
+    """A cache read from ``path`` (written by `save_cache`), checked against the model's ``config``.
+
+    Args:
+        config: the model's config (what the cache was built with). The cache's layers are built from it, and the
+            file must agree: layer count and types, sliding windows, kv heads and head_dim of every layer. ``None``
+            for a cache built without a config (full-attention layers only); then only the file's own consistency is
+            checked.
+        device: where the layers go: None (the CPU), a device, or one device per layer (a model split by
+            ``device_map``). The file does not record the device the cache was saved from.
+        mode: if given, the file's mode must be this one.
+    Raises:
+        ValueError: the file is not a safetensors file, is truncated or corrupted, is not a saved cache, was written
+            by a newer format version, or disagrees with ``config``/``mode``; the message names the mismatch.
+
+    The header and the counters are checked first, then each layer's tensors are read, checked and copied into a new
+    cache one layer at a time (host memory for one layer); the cache is returned only when every layer has passed.
+    """
+    with _reading(path), safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        header = _parse_header(path, f.metadata() or {})
+        cache = _build_cache(path, header, config, mode, cls)
+        entries = header["layers"]
+        names = set(f.keys())
+        expected = {_tensor_name(i, n) for i, e in enumerate(entries) if e["initialized"] for n in BUFFER_NAMES}
+        if names != expected:
+            raise ValueError(f"{path}: the tensors do not match the layers described: missing "
+                             f"{sorted(expected - names)}, unexpected {sorted(names - expected)}")
+        shapes = _expected_shapes(config, len(entries))
+        devices = _layer_devices(device, len(entries))
+        live = {}
+        for index, (layer, entry) in enumerate(zip(cache.layers, entries)):
+            if entry["initialized"]:
+                if entry.get("dtype") not in _DTYPES:
+                    raise ValueError(f"{path}: layer {index} dtype {entry.get('dtype')!r} is not one of "
+                                     f"{sorted(_DTYPES)}")
+                live[index] = _check_counters(path, index, entry, layer, header["max_cache_len"])
+        batches = set()
+        for index, tokens in live.items():
+            tensors = {n: f.get_tensor(_tensor_name(index, n)) for n in BUFFER_NAMES}
+            batch, heads, head_dim = _check_tensors(path, index, tensors, tokens, header["mode"], shapes[index],
+                                                    entries[index])
+            batches.add(batch)
+            if len(batches) > 1:
+                raise ValueError(f"{path}: the layers disagree on the batch size: {sorted(batches)}")
+            _fill_layer(cache.layers[index], [tensors[n] for n in BUFFER_NAMES], entries[index], tokens,
+                        _DTYPES[entries[index]["dtype"]], devices[index], batch, heads, head_dim)
+    return cache
