@@ -94,8 +94,12 @@ ROTATION_WINDOWS, ROTATION_WINDOW = 4, 256
 # INT8 0.000209 vs 0.000858 (0.24 x), FP8 0.00476 vs 0.00541 (0.88 x); on 4 x 512 tokens 0.30 x and 0.81 x.
 # A rotation that is not applied gives 1.0 x (INT8 fails); one that is not undone gives garbage (both fail).
 MAX_ROTATED_KL_RATIO = {"int8_per_token_head": 0.5, "fp8_per_token_head": 1.0}
-# Top-1 agreement of the rotated cache >= the plain cache's minus this (measured: +0.88 and +0.0 points).
-MAX_ROTATED_TOP1_LOSS = 0.005
+# Top-1 agreement of the rotated cache >= the plain cache's minus this. Each cache disagrees with the reference on the
+# near-ties its rounding flips (FP8: about 4 % of the 1024 positions, ~40), and which ones flip moves with the CPU's
+# float rounding: the two counts differ by noise of about sqrt(40 + 40) ~ 9 positions (0.9 points) when the rotation
+# changes nothing. Measured: +0.88 and +0.0 points on one CPU, -0.8 points (FP8) on another. The limit is two standard
+# deviations of that noise; the KL bound above is the test of accuracy, this one catches a rotation that breaks top-1.
+MAX_ROTATED_TOP1_LOSS = 0.02
 
 
 @pytest.fixture(scope="module")
