@@ -2,7 +2,7 @@
 
     python eval/perplexity.py [--model smollm2] [--text wikitext|PATH|hf:DATASET[:CONFIG[:SPLIT]]]
         [--context-length 1024] [--stride N] [--max-tokens N] [--modes unquantized,int8,fp8] [--hadamard]
-        [--dtype float32] [--device cpu] [--out-dir eval/results] [--name NAME] [--no-progress]
+        [--dtype float32] [--device cpu] [--out-dir DIR] [--name NAME] [--no-progress]
 
 The text (default: the local WikiText-2 raw test file, else the hub dataset) is tokenized once, with one
 BOS token in front (EOS where the tokenizer has no BOS, as lm-eval does), and cut to ``--max-tokens``. It
@@ -12,14 +12,16 @@ quantized keys and values of its window (`hf_kvquant.evaluation.perplexity`). Mo
 (``unquantized``, ``int8_per_token_head`` or ``int8``, ``fp8_per_token_head`` or ``fp8``); ``--hadamard`` builds
 every quantized mode of the run with the Hadamard rotation (``hadamard=True``; the table names it
 ``int8_per_token_head+hadamard``). Prints a table and writes ``NAME.json`` and ``NAME.md`` (default NAME:
-``perplexity_<model>``) into ``--out-dir``.
+``perplexity_<model>``) into ``--out-dir``; without it, into a fresh folder under the system's temporary directory
+(``hf_kvquant_results/NAME-<date>-<time>``), named on stderr once the first mode is written and on stdout at the
+end. The published results in ``eval/results/`` are rewritten only when asked for: ``--out-dir eval/results``.
 
 lm-eval's ``loglikelihood_rolling`` with ``max_length=L`` (``python -m hf_kvquant.evaluation.lm_eval_model``) scores the
 same tokens from the same contexts as ``--context-length L+1 --stride L`` here, where the text is a whole
 number of ``L``-token windows (tests/test_evaluation.py shows both agree).
 
 Exits with status 2 and a one-line ``error:`` message for a missing text file, an unknown mode or a model
-that cannot be loaded.
+that cannot be loaded, before any result file or folder is written.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import argparse
 import re
 import shlex
 import sys
+import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -45,10 +49,11 @@ from hf_kvquant.evaluation import (
     load_text,
     parse_mode,
     perplexity,
+    resolve_model,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import RESULTS, environment, versions_line, write_results
+from common import environment, versions_line, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,6 +81,10 @@ def parse_modes(spec: str, hadamard: bool = False) -> list[CacheMode]:
 
 def _load(model: str, dtype: torch.dtype, device: str):
     try:
+        resolve_model(model)  # no model at a path: said as such, before anything is read
+    except FileNotFoundError as e:
+        raise CliError(f"cannot load model {model!r}: {e}") from None
+    try:
         return load_model(model, dtype=dtype, device=device)
     except Exception as e:  # noqa: BLE001 - any load failure is reported as one clear line
         tried = (
@@ -89,6 +98,18 @@ def _load(model: str, dtype: torch.dtype, device: str):
             f"cannot load model {model!r} as {tried}: {type(e).__name__}: {reason}. Accepted: "
             f"{', '.join(PACKAGED_MODELS)}, a .gguf path, a model folder or a hub id"
         ) from e
+
+
+def default_out_dir(name: str) -> Path:
+    """A folder no earlier run wrote, outside the repository: ``<temp>/hf_kvquant_results/NAME-<date>-<time>`` (a
+    suffix where that exists). Not created here: the first result written creates it."""
+    root = Path(tempfile.gettempdir()) / "hf_kvquant_results"
+    stem = f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = root / stem, 1
+    while path.exists():
+        n += 1
+        path = root / f"{stem}-{n}"
+    return path
 
 
 def _slug(model: str) -> str:
@@ -148,7 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model weights and activations (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="(default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="(default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
+                        help="where NAME.json and NAME.md go; eval/results holds the published ones (default: a new "
+                             "folder under the temporary directory, hf_kvquant_results/NAME-<date>-<time>)")
     parser.add_argument("--name", default=None, help="result file name without suffix (default: perplexity_<model>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -208,10 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     name = args.name or f"perplexity_{_slug(args.model)}"
-    stem = args.out_dir / name
+    out_dir = args.out_dir if args.out_dir is not None else default_out_dir(name)
+    stem = out_dir / name
+    saved = []
 
     def save(report: dict) -> None:
-        write_results(args.out_dir, name, report, _markdown(report))
+        write_results(out_dir, name, report, _markdown(report))
+        if not saved and args.out_dir is None:  # said once, when the folder first exists
+            print(f"results go to {out_dir} (choose with --out-dir)", file=sys.stderr)
+        saved.append(True)
 
     try:
         report = run(args, argv, save)

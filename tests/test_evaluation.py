@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from hf_kvquant import KVQuantMode, QuantizedPerTokenHeadCache
-from hf_kvquant.evaluation.data import is_document_title, wikitext_documents
 from hf_kvquant.evaluation import (
     ACCEPTED_MODES,
     ALL_MODES,
@@ -30,6 +29,7 @@ from hf_kvquant.evaluation import (
     parse_mode,
     perplexity,
 )
+from hf_kvquant.evaluation.data import is_document_title, wikitext_documents
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "eval" / "tasks"
@@ -214,6 +214,80 @@ def test_lm_eval_model_rejects_unknown_mode():
         KVQuantLM(pretrained="smollm2", kv_cache_dtype="int4")  # checked before anything is loaded
 
 
+@pytest.fixture
+def no_hflm_load(monkeypatch):
+    """HFLM's own __init__ (where the model would load) fails the test: model_args are checked before it."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    def init(self, *args, **kwargs):
+        raise AssertionError("HFLM.__init__ ran: the model would have been loaded before the error")
+
+    monkeypatch.setattr(HFLM, "__init__", init)
+
+
+def test_lm_eval_model_accepted_arguments():
+    """KVQuantLM's own, every named parameter of HFLM.__init__, and the from_pretrained options users pass."""
+    pytest.importorskip("lm_eval")
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+
+    from hf_kvquant.evaluation.lm_eval_model import FROM_PRETRAINED_ARGS, KVQuantLM
+
+    accepted = KVQuantLM.accepted_args()
+    assert accepted[:5] == ["pretrained", "kv_cache_dtype", "hadamard", "device", "dtype"]
+    hflm = [name for name in inspect.signature(HFLM.__init__).parameters if name not in ("self", "kwargs")]
+    assert set(hflm) | set(FROM_PRETRAINED_ARGS) <= set(accepted) and len(accepted) == len(set(accepted))
+    assert {"max_length", "batch_size", "add_bos_token", "attn_implementation"} <= set(accepted)
+
+
+def test_lm_eval_model_refuses_unknown_arguments(no_hflm_load):
+    from lm_eval.api.registry import get_model
+
+    from hf_kvquant.evaluation.lm_eval_model import KVQuantLM, ModelArgsError
+
+    with pytest.raises(ModelArgsError) as excinfo:
+        get_model("hf_kvquant").create_from_arg_string("pretrained=smollm2,kv_cache_dtpye=int8,max_length=256")
+    message = str(excinfo.value)
+    assert message == ("hf_kvquant model_args: unknown argument 'kv_cache_dtpye' (did you mean 'kv_cache_dtype'?); "
+                       f"accepted: {', '.join(KVQuantLM.accepted_args())}")
+    with pytest.raises(ModelArgsError, match="unknown arguments 'foo', 'bar'; accepted: "):
+        KVQuantLM(pretrained="smollm2", foo=1, bar=2)
+    assert issubclass(ModelArgsError, ValueError)
+
+
+@pytest.mark.parametrize("kind", ["empty folder", "missing .gguf", "not a hub id"])
+def test_lm_eval_model_no_model_at_the_path(no_hflm_load, tmp_path, kind):
+    from hf_kvquant.evaluation.lm_eval_model import KVQuantLM, ModelArgsError
+
+    path = {"empty folder": tmp_path, "missing .gguf": tmp_path / "m.gguf", "not a hub id": "./no/such/model"}[kind]
+    with pytest.raises(ModelArgsError, match=f"hf_kvquant model_args: pretrained: no model found at {path}"):
+        KVQuantLM(pretrained=str(path), kv_cache_dtype="int8")
+
+
+@pytest.mark.slow
+def test_lm_eval_rolling_shows_one_progress_bar(kvquant_lm, capsys):
+    """HFLM's ``loglikelihood_rolling`` opens a ``Running loglikelihood requests`` bar per batch of windows (a 1/1
+    bar per window at batch size 1); KVQuantLM shows one bar over all the windows."""
+    from lm_eval.api.instance import Instance
+
+    lm = kvquant_lm(INT8, max_length=16)
+    lm.batch_size_per_gpu = 1
+    texts = [" ".join(["The quick brown fox jumps over the lazy dog."] * 4), "A short one."]
+    windows = sum(-(-len(lm.tok_encode(t, add_special_tokens=False)) // 16) for t in texts)
+    assert windows >= 3
+    requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                for i, t in enumerate(texts)]
+    capsys.readouterr()
+    scores = lm.loglikelihood_rolling(requests)
+    err = capsys.readouterr().err
+    assert len(scores) == 2 and all(s < 0 for s in scores)
+    assert "Running loglikelihood requests" not in err, err[-2000:]
+    assert "Scoring rolling windows" in err and f"{windows}/{windows}" in err, err[-2000:]
+    assert lm._rolling_bar is None and lm._rolling_tokens is None and not lm._encode_plain
+
+
 def test_lm_eval_model_hadamard_argument(kvquant_lm, smollm2):
     pytest.importorskip("lm_eval")
     from lm_eval.api.registry import get_model
@@ -375,7 +449,37 @@ def test_cli_help_states_each_default_once(cli, capsys):
         cli.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--hadamard" in text and "(default: None)" not in text
-    assert "(default: the context length)" in text and text.count("(default: the context length)") == 1
+    defaults = re.findall(r"\(default: [^)]*\)", text)
+    assert len(defaults) == len(set(defaults)) == 10, defaults  # one per option that has a default, each once
+    for option in ("--model", "--text", "--context-length", "--stride", "--max-tokens", "--modes", "--dtype",
+                   "--device", "--out-dir", "--name"):
+        help_text = text.split(f"{option} ", 2)[-1]
+        assert help_text.split(" --", 1)[0].count("(default:") == 1, option
+    assert "(default: the context length)" in text and "hf_kvquant_results/NAME-<date>-<time>" in text
+
+
+def test_cli_default_out_dir_is_fresh_and_outside_the_repository(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    first = cli.default_out_dir("perplexity_smollm2")
+    assert first.parent == tmp_path / "hf_kvquant_results" and first.name.startswith("perplexity_smollm2-")
+    assert not first.exists()  # created by the first result written, not before
+    first.mkdir(parents=True)
+    second = cli.default_out_dir("perplexity_smollm2")
+    assert second != first and not second.exists()
+    monkeypatch.setattr(cli.tempfile, "tempdir", None)
+    assert REPO not in cli.default_out_dir("x").parents
+    assert cli.parse_args([]).out_dir is None  # the published eval/results only when named
+
+
+def test_cli_errors_leave_nothing_behind(cli, capsys, tmp_path, monkeypatch):
+    """Without --out-dir, a run that stops on an error creates no result folder."""
+    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score.\n")
+    _error(cli, capsys, ["--modes", "int4"])
+    _error(cli, capsys, ["--text", str(tmp_path / "nope.txt")])
+    _error(cli, capsys, ["--model", str(tmp_path / "nowhere"), "--text", str(text)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
 
 
 @pytest.mark.parametrize("model", ["missing.gguf", "EMPTY_FOLDER"])
@@ -384,7 +488,8 @@ def test_cli_unknown_model(cli, capsys, tmp_path, model):
     text.write_text("Some text to score.\n")
     model = str(tmp_path) if model == "EMPTY_FOLDER" else str(tmp_path / model)
     line = _error(cli, capsys, ["--model", model, "--text", str(text), "--out-dir", str(tmp_path)])
-    assert f"cannot load model {model!r}" in line and "smollm2" in line
+    assert f"cannot load model {model!r}: no model found at {model}" in line and "smollm2" in line
+    assert "sentencepiece" not in line
 
 
 def _env() -> dict:
@@ -408,8 +513,8 @@ def test_cli_exit_status_in_a_real_process(tmp_path):
 
 
 def test_lm_eval_command_line_finds_the_model_type(tmp_path):
-    """``python -m hf_kvquant.evaluation.lm_eval_model`` is lm-eval's command line with ``hf_kvquant`` registered: the model type
-    is found and its arguments checked (a bad ``kv_cache_dtype`` fails before any model is loaded)."""
+    """``python -m hf_kvquant.evaluation.lm_eval_model`` is lm-eval's command line with ``hf_kvquant`` registered: the
+    model type is found and its arguments checked (a bad ``kv_cache_dtype`` fails before any model is loaded)."""
     pytest.importorskip("lm_eval")
     proc = subprocess.run(
         [sys.executable, "-m", "hf_kvquant.evaluation.lm_eval_model", "--model", "hf_kvquant",
@@ -417,9 +522,24 @@ def test_lm_eval_command_line_finds_the_model_type(tmp_path):
          "--tasks", "wikitext_local", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "unknown mode 'int4'" in proc.stderr, proc.stderr[-2000:]
     assert "Unknown model" not in proc.stderr
+
+
+def test_lm_eval_command_line_refuses_an_unknown_key(tmp_path):
+    """A misspelt model_args key: one ``error:`` line naming it, status 2, no traceback, nothing loaded."""
+    pytest.importorskip("lm_eval")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_kvquant.evaluation.lm_eval_model", "--model", "hf_kvquant",
+         "--model_args", "pretrained=smollm2,kv_cache_dtpye=int8", "--include_path", str(TASKS),
+         "--tasks", "wikitext_local", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "unknown argument 'kv_cache_dtpye' (did you mean 'kv_cache_dtype'?)" in errors[0]
+    assert "Traceback" not in proc.stderr and "GGUF" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -445,6 +565,25 @@ def test_cli_writes_table_json_and_markdown(cli, capsys, tmp_path, smollm2, monk
     report = json.loads((tmp_path / "tiny_hadamard.json").read_text())
     assert [r["mode"] for r in report["results"]] == [UNQUANTIZED, INT8 + "+hadamard"]
     assert report["settings"]["hadamard"] is True
+
+
+@pytest.mark.slow
+def test_cli_writes_to_a_fresh_folder_by_default(cli, capsys, tmp_path, smollm2, monkeypatch):
+    """Without --out-dir the results go to a new folder under the temporary directory, named on stderr and stdout;
+    eval/results is left alone."""
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: smollm2)
+    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    published = {p: p.stat().st_mtime_ns for p in (REPO / "eval" / "results").glob("perplexity_*")}
+    text = tmp_path / "t.txt"
+    text.write_text(" The quick brown fox jumps over the lazy dog . " * 20)
+    assert cli.main(["--text", str(text), "--context-length", "32", "--max-tokens", "64", "--modes", "unquantized",
+                     "--no-progress"]) == 0
+    (folder,) = (tmp_path / "hf_kvquant_results").iterdir()
+    assert folder.name.startswith("perplexity_smollm2-")
+    assert sorted(p.name for p in folder.iterdir()) == ["perplexity_smollm2.json", "perplexity_smollm2.md"]
+    captured = capsys.readouterr()
+    assert f"results go to {folder}" in captured.err and f"wrote {folder / 'perplexity_smollm2'}.json" in captured.out
+    assert {p: p.stat().st_mtime_ns for p in (REPO / "eval" / "results").glob("perplexity_*")} == published
 
 
 # -- text loading ---------------------------------------------------------------------------------------------

@@ -369,11 +369,19 @@ def test_beam_search(smollm2):
     # The beams were actually reordered during the search (otherwise reorder_cache is not exercised).
     assert (beam_q.beam_indices[:, :new] != torch.arange(3)[:, None]).any()
 
+    # Not float32 accumulation (with DynamicCache the two sums agree within 1.1e-5 over the 10 tokens): the beams ran at
+    # batch 3, the check at batch 1, so the keys/values were computed by differently shaped matmuls, whose float noise
+    # flips a few INT8 roundings; the flips propagate through the layers. Both runs quantize the same numbers up to
+    # float noise, so each position's next-token distributions are within SAME_NUMBERS_KL_LIMIT of each other, and a
+    # token's log-prob moves by about sqrt(2 * KL) at most: over `new` tokens, new * sqrt(2 * 5e-3) = 1.0 nat.
+    # Measured: 0.003-0.13 nat (two CPUs); a beam fed another beam's keys/values (reorder_cache a no-op) misses by
+    # 7.7-13 nats.
+    score_tolerance = new * (2 * SAME_NUMBERS_KL_LIMIT) ** 0.5
     for row in range(3):
         seq = beam_q.sequences[row : row + 1]
         logits = _teacher_forced_logits(model, seq, ids.shape[1], _qcache(model, "int8_per_token_head"))
         logp = logits[0].log_softmax(-1).gather(-1, seq[0, ids.shape[1]:, None]).sum()
-        assert abs(float(logp) - float(beam_q.sequences_scores[row])) <= 0.02, (
+        assert abs(float(logp) - float(beam_q.sequences_scores[row])) <= score_tolerance, (
             f"beam {row}: score {float(beam_q.sequences_scores[row]):.4f} but its tokens' log-prob is {float(logp):.4f}"
         )
     # Against DynamicCache: the two best beams are among each other's three (a near-tie may swap the order of

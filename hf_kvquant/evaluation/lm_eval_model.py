@@ -21,27 +21,53 @@ quantized keys and values of its window, its own included, and ``generate_until`
 quantized cache. ``kv_cache_dtype=unquantized`` runs the same code with transformers' `DynamicCache`, the
 reference the quantized modes are compared with. ``hadamard=true`` builds the quantized cache with the Hadamard
 rotation (`hf_kvquant.rotation`).
+
+``model_args`` are checked before anything is loaded: a key that neither this model type nor `HFLM` takes (a typo such
+as ``kv_cache_dtpye``) is refused by name, with the accepted keys listed, and so is a ``pretrained`` path that holds no
+model. ``loglikelihood_rolling`` shows one progress bar over all the windows it scores.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import sys
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import get_rolling_token_windows
+from tqdm import tqdm
 
 from .caches import make_cache, parse_mode
 from .models import resolve_model
 
 MODEL_NAME = "hf_kvquant"
+# `from_pretrained` options that HFLM passes through its **kwargs and that users set in model_args (HFLM reads the
+# bitsandbytes ones itself). Every other key must be a named parameter of KVQuantLM or HFLM.
+FROM_PRETRAINED_ARGS = ("attn_implementation", "device_map", "low_cpu_mem_usage", "cache_dir", "local_files_only",
+                        "token", "load_in_4bit", "load_in_8bit", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type")
+
+
+class ModelArgsError(ValueError):
+    """A ``model_args`` mistake, found before any model is loaded: ``python -m hf_kvquant.evaluation.lm_eval_model``
+    prints it as one ``error:`` line (exit status 2)."""
+
+
+def _parameters(function) -> list[str]:
+    return [name for name, p in inspect.signature(function).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _register(cls):
     # Run with `python -m`, this file is `__main__`; only the importable module registers,
     # so lm-eval's registry holds hf_kvquant.evaluation.lm_eval_model.KVQuantLM and never a `__main__` copy beside it.
     return cls if __name__ == "__main__" else register_model(MODEL_NAME)(cls)
+
+
+# HFLM's named parameters, read once (HFLM passes every other keyword to from_pretrained, unchecked).
+_HFLM_ARGS = tuple(_parameters(HFLM.__init__))
 
 
 @_register
@@ -56,7 +82,9 @@ class KVQuantLM(HFLM):
         hadamard: ``true`` rotates keys and values by a Hadamard matrix before quantizing; default ``false``.
         device: default ``cuda`` where available, else ``cpu`` (HFLM's own default is ``cuda``).
         dtype: model dtype; default ``float32`` (the GGUF models are dequantized on load anyway).
-        **kwargs: everything else `HFLM` takes (``max_length``, ``batch_size``, ``add_bos_token``, ...).
+        **kwargs: everything else `HFLM` takes (``max_length``, ``batch_size``, ``add_bos_token``, ...), and the
+            ``from_pretrained`` options of `FROM_PRETRAINED_ARGS` (``attn_implementation=hf_kvquant``, ...); any
+            other key is refused (`accepted_args`).
 
     ``loglikelihood_rolling`` encodes each text without the tokenizer's own special tokens, so every text is
     ``[prefix_token_id] + tokens`` for every model: HFLM's default would give Gemma (whose tokenizer adds BOS)
@@ -72,20 +100,51 @@ class KVQuantLM(HFLM):
         dtype: str | torch.dtype = "float32",
         **kwargs,
     ) -> None:
+        self._check_args(kwargs)
         try:
             self.cache_mode = parse_mode(kv_cache_dtype, hadamard)
         except ValueError as e:
-            raise ValueError(f"{MODEL_NAME} model_args: {e}") from None
+            raise ModelArgsError(f"{MODEL_NAME} model_args: {e}") from None
         self.kv_cache_dtype = self.cache_mode.name
         self._encode_plain = False
+        self._rolling_tokens: dict[str, list[int]] | None = None
+        self._rolling_bar = None
         if isinstance(pretrained, str) and not kwargs.get("gguf_file"):
-            pretrained, gguf_file = resolve_model(pretrained)
+            try:
+                pretrained, gguf_file = resolve_model(pretrained)
+            except FileNotFoundError as e:
+                raise ModelArgsError(f"{MODEL_NAME} model_args: pretrained: {e}") from None
             if gguf_file is not None:
                 kwargs["gguf_file"] = gguf_file
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, device=device, dtype=dtype, **kwargs)
         if self.backend != "causal":
             raise ValueError(f"{MODEL_NAME} supports decoder-only (causal) models; this one is {self.backend}")
+
+    @classmethod
+    def accepted_args(cls) -> list[str]:
+        """The ``model_args`` keys accepted: KVQuantLM's own, then HFLM's named parameters, then
+        `FROM_PRETRAINED_ARGS`."""
+        names = _parameters(cls.__init__)
+        for name in (*_HFLM_ARGS, *FROM_PRETRAINED_ARGS):
+            if name not in names:
+                names.append(name)
+        return names
+
+    @classmethod
+    def _check_args(cls, kwargs: dict) -> None:
+        accepted = cls.accepted_args()
+        unknown = [key for key in kwargs if key not in accepted]
+        if not unknown:
+            return
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ModelArgsError(
+            f"{MODEL_NAME} model_args: unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+            f"accepted: {', '.join(accepted)}"
+        )
 
     def new_cache(self):
         """A fresh cache of this model's mode (`DynamicCache` when unquantized)."""
@@ -113,14 +172,37 @@ class KVQuantLM(HFLM):
         return super()._model_generate(context, max_length, stop, cache=self.new_cache(), **generation_kwargs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """HFLM's, with one progress bar over all the windows scored: HFLM's own opens a bar per batch of windows
+        (a ``1/1`` bar per window at ``batch_size=1``). Each text is tokenized once, here, to count its windows."""
         self._encode_plain = True
         try:
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            texts = [request.args[0] for request in requests]
+            self._rolling_tokens = {text: self.tok_encode(text) for text in texts}
+            windows = sum(
+                sum(1 for _ in get_rolling_token_windows(token_list=self._rolling_tokens[text],
+                                                         prefix_token=self.prefix_token_id,
+                                                         max_seq_len=self.max_length, context_len=1))
+                for text in texts
+            )
+            with tqdm(total=windows, desc="Scoring rolling windows", disable=disable_tqdm or self.rank != 0) as bar:
+                self._rolling_bar = bar
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
         finally:
             self._encode_plain = False
+            self._rolling_tokens = None
+            self._rolling_bar = None
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self._rolling_bar is None:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        result = super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+        self._rolling_bar.update(len(requests))
+        return result
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
         if self._encode_plain and add_special_tokens is None:
+            if self._rolling_tokens is not None and string in self._rolling_tokens and left_truncate_len is None:
+                return self._rolling_tokens[string]
             add_special_tokens = False  # the rolling windows put prefix_token_id in front themselves
         return super().tok_encode(string, add_special_tokens=add_special_tokens,
                                   left_truncate_len=left_truncate_len, **kwargs)
@@ -129,11 +211,17 @@ class KVQuantLM(HFLM):
         return {**super().get_model_info(), "kv_cache_dtype": self.kv_cache_dtype}
 
 
-def cli() -> None:
-    """lm-eval's command line (``lm_eval ...``) with the ``hf_kvquant`` model type registered."""
+def cli() -> int:
+    """lm-eval's command line (``lm_eval ...``) with the ``hf_kvquant`` model type registered; a ``model_args`` mistake
+    ends it with one ``error:`` line and status 2."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ModelArgsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
