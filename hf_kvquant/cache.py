@@ -201,20 +201,20 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             raise ValueError(f"unsupported head_dim {head_dim}; accepted: {SUPPORTED_HEAD_DIMS}")
         if key_states.device != value_states.device:
             raise ValueError(f"key_states on {key_states.device} but value_states on {value_states.device}")
-        self._check_room(key_states.shape[-2])
-        if not self.is_initialized:
-            return
-        if key_states.device != self.device:
-            raise ValueError(f"key/value states on {key_states.device}, but this layer's cache is on {self.device}")
-        batch, heads, _, _ = self.key_data.shape
-        cached = (batch, heads, self.key_data.shape[-1] * self.mode.spec.values_per_byte)
-        if tuple(key_states.shape[:2]) + (head_dim,) != cached:
-            raise ValueError(
-                f"key/value states of (batch, kv_heads, head_dim) = {(*key_states.shape[:2], head_dim)} do not match "
-                f"the cache's {cached}"
-            )
-        if key_states.dtype != self.dtype:
-            raise ValueError(f"key/value states are {key_states.dtype}, but this layer was filled with {self.dtype}")
+        if self.is_initialized:
+            if key_states.device != self.device:
+                raise ValueError(f"key/value states on {key_states.device}, but this layer's cache is on {self.device}")
+            batch, heads, _, _ = self.key_data.shape
+            cached = (batch, heads, self.key_data.shape[-1] * self.mode.spec.values_per_byte)
+            if tuple(key_states.shape[:2]) + (head_dim,) != cached:
+                raise ValueError(
+                    f"key/value states of (batch, kv_heads, head_dim) = {(*key_states.shape[:2], head_dim)} do not "
+                    f"match the cache's {cached}"
+                )
+            if key_states.dtype != self.dtype:
+                raise ValueError(f"key/value states are {key_states.dtype}, but this layer was filled with "
+                                 f"{self.dtype}")
+        self._check_room(key_states.shape[-2])  # last: what is wrong with the input itself is said first
 
     def _check_room(self, count: int) -> None:
         pass  # the buffers grow
