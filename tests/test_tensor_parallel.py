@@ -2,6 +2,9 @@
 over its own KV heads, and the result matches one process. Always on 2 CPU processes over gloo; where 2 CUDA devices
 are visible, also on cuda:0 and cuda:1 over NCCL against one process on cuda:0, so both sides run the Triton kernels.
 
+Each rank also generates over a preallocated cache with the decode step compiled by `generate` (fullgraph) and
+without: the tokens must be equal.
+
 The float32 variants assert everything: teacher-forced next-token KL <= 5e-3 at every position, the 16 greedy tokens
 equal, each rank holding its half of the KV heads and of the bytes. The bfloat16 variant asserts the same but the
 greedy tokens, which it only records: this tiny model's logits come out of a bfloat16 lm_head, so exact top-1 ties
@@ -110,3 +113,8 @@ def test_two_ranks_match_one_process(variant, mode):
     assert [r["kv_heads"] for r in parallel["per_rank"]] == [2, 2] and single["kv_heads"] == 4
     for rank in parallel["per_rank"]:
         assert rank["nbytes"] == pytest.approx(single["nbytes"] / 2, rel=0.01)
+    # The compiled decode under tensor parallelism: generate compiles it (fullgraph, no graph break) and its greedy
+    # tokens are the eager ones over the same kind of preallocated cache.
+    preallocated = parallel["preallocated"]
+    assert preallocated["graphs"] >= 1
+    assert preallocated["compiled"] == preallocated["eager"]

@@ -10,7 +10,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, CompileConfig
 
 import hf_kvquant
 from hf_kvquant import KVQuantMode, QuantizedPerTokenHeadCache
@@ -36,6 +36,22 @@ def teacher_forced_and_greedy(model, mode):
             "cache_device": str(cache.layers[0].key_data.device)}
 
 
+def compiled_and_eager_greedy(model, mode):
+    """Greedy tokens over a preallocated cache with the decode step compiled by `generate` (fullgraph, backend
+    "eager", on any device), and the same with compilation off: the compiled path under tensor parallelism."""
+    generator = torch.Generator().manual_seed(SEED)
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN), generator=generator).to(model.device)
+    compile_config = CompileConfig(fullgraph=True, backend="eager")
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    runs = {}
+    for name, options in (("compiled", {"compile_config": compile_config}), ("eager", {"disable_compile": True})):
+        cache = QuantizedPerTokenHeadCache(config=model.config, mode=mode, max_cache_len=PROMPT_LEN + STEPS)
+        runs[name] = model.generate(prompt, max_new_tokens=STEPS, do_sample=False, cache=cache, **options)
+        runs[name] = runs[name][0, PROMPT_LEN:].tolist()
+    runs["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return runs
+
+
 def main():
     model_dir, dtype, out = sys.argv[1:4]
     model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=getattr(torch, dtype),
@@ -45,7 +61,8 @@ def main():
         result = teacher_forced_and_greedy(model, mode)
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, {k: result[k] for k in ("nbytes", "kv_heads", "cache_device")})
-        results["modes"][mode.value] = {**result, "per_rank": per_rank}
+        results["modes"][mode.value] = {**result, "per_rank": per_rank,
+                                        "preallocated": compiled_and_eager_greedy(model, mode)}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f)
