@@ -5,8 +5,9 @@ scales of the live tokens of each layer, never the spare capacity, so it is at m
 header of about 0.7 KB per layer (2 % of a layer holding 35 KB, e.g. 17 tokens of 8 kv heads of 128):
 
 * tensors ``layers.{i}.key_data``, ``layers.{i}.value_data`` ``[batch, kv_heads, tokens, head_dim]`` (int8 or
-  float8_e4m3fn) and ``layers.{i}.key_scale``, ``layers.{i}.value_scale`` ``[batch, kv_heads, tokens]`` (float32) for
-  every initialized layer: slots ``[0, stored)`` of a growable layer, ``[0, length)`` of a preallocated one;
+  float8_e4m3fn; the keys' and the values' head dims may differ, as in MLA models) and ``layers.{i}.key_scale``,
+  ``layers.{i}.value_scale`` ``[batch, kv_heads, tokens]`` (float32) for every initialized layer: slots
+  ``[0, stored)`` of a growable layer, ``[0, length)`` of a preallocated one;
 * the header's ``metadata`` (string to string, structured values JSON-encoded): ``format``
   (``"hf_kvquant.QuantizedPerTokenHeadCache"``), ``format_version`` (``"1"``), ``mode``, ``hadamard``,
   ``max_cache_len``, ``layers`` (one object per layer: ``type`` ``full_attention`` / ``sliding_attention`` /
@@ -17,12 +18,13 @@ header of about 0.7 KB per layer (2 % of a layer holding 35 KB, e.g. 17 tokens o
   and ``checksum`` (the CRC-32 of all the other metadata).
 
 `load_cache` checks everything before it returns: the format and its version, the checksums (a flipped byte anywhere
-in the file is caught), the model's config (layer count and types, sliding windows, kv heads and head_dim of every
-layer), the shapes and dtypes of the tensors, the counters. Any mismatch raises a `ValueError` that names what was
-expected and what was found; the cache is built whole and returned only once everything has passed. The layers are
-placed on the CPU unless a device is given (the file does not record where the cache lived: that device may not exist
-where it is loaded). A loaded growable layer holds the capacity its growth policy gives its tokens, not necessarily the
-spare capacity the saved one had; a preallocated layer holds ``max_cache_len`` slots, the slots past its length zeroed.
+in the file is caught), the model's config (layer count and types, sliding windows, kv heads and the key and value
+head dims of every layer), the shapes and dtypes of the tensors, the counters. Any mismatch raises a `ValueError` that
+names what was expected and what was found; the cache is built whole and returned only once everything has passed.
+The layers are placed on the CPU unless a device is given (the file does not record where the cache lived: that device
+may not exist where it is loaded). A loaded growable layer holds the capacity its growth policy gives its tokens, not
+necessarily the spare capacity the saved one had; a preallocated layer holds ``max_cache_len`` slots, the slots past its
+length zeroed.
 """
 
 from __future__ import annotations
@@ -36,11 +38,10 @@ from importlib import metadata as _package_metadata
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers.cache_utils import DummyLayer
+from transformers.cache_utils import DummyLayer, LinearAttentionCacheLayerMixin
 
 from .cache import (
     SUPPORTED_DTYPES,
-    SUPPORTED_HEAD_DIMS,
     QuantizedPerTokenHeadCache,
     QuantizedPerTokenHeadLayer,
     QuantizedPerTokenHeadSlidingWindowLayer,
@@ -79,6 +80,9 @@ def _writer() -> str:
 def _layer_type(layer) -> str:
     if isinstance(layer, DummyLayer):
         return "dummy"
+    if isinstance(layer, LinearAttentionCacheLayerMixin):  # hybrid models: a file without the state would mislead
+        raise NotImplementedError(f"cannot save a cache layer of type {type(layer).__name__}: the convolution and "
+                                  "recurrent states of hybrid models (linear attention, Mamba) are not saved")
     if isinstance(layer, QuantizedPerTokenHeadLayer):
         return "sliding_attention" if layer.is_sliding else "full_attention"
     raise TypeError(f"cannot save a cache layer of type {type(layer).__name__}")
@@ -238,8 +242,15 @@ def _recording(path, index: int, entry: dict) -> tuple[bool, int]:
     return record, base
 
 
-def _expected_shapes(config, count: int) -> list[tuple[int, int] | None]:
-    """(kv_heads, head_dim) of each layer according to ``config``, or None per layer without a config."""
+def _expected_shapes(config, count: int) -> list[tuple[int, int, int] | None]:
+    """(kv_heads, key head_dim, value head_dim) of each layer according to ``config``, or None per layer without a
+    config.
+
+    MLA models (DeepSeek-V2/V3, MiniCPM3, GLM-4-MoE-Lite, ...: a config with ``kv_lora_rank``) cache their compressed
+    latents, not per-head keys and values: transformers' attention hands `update` one head of the normalised latent
+    (``kv_lora_rank`` channels) as keys and one of the rotary key part (``qk_rope_head_dim``) as values, and expands
+    them to per-head keys (``qk_nope_head_dim + qk_rope_head_dim``) and values (``v_head_dim``) only after the cache.
+    """
     if config is None:
         return [None] * count
     text = config.get_text_config(decoder=True)
@@ -247,9 +258,12 @@ def _expected_shapes(config, count: int) -> list[tuple[int, int] | None]:
     shapes = []
     for index in range(count):
         c = per_layer[index] if per_layer is not None else text
+        if getattr(c, "kv_lora_rank", None) and getattr(c, "qk_rope_head_dim", None):
+            shapes.append((1, c.kv_lora_rank, c.qk_rope_head_dim))
+            continue
         heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        shapes.append((heads, head_dim))
+        shapes.append((heads, head_dim, head_dim))
     return shapes
 
 
@@ -279,7 +293,7 @@ def _check_counters(path, index: int, entry: dict, layer, max_cache_len) -> int:
 
 
 def _check_tensors(path, index: int, tensors: dict, tokens: int, mode: KVQuantMode, shape, entry: dict):
-    """Check one layer's four tensors (by buffer name); return (batch, kv_heads, head_dim)."""
+    """Check one layer's four tensors (by buffer name); return (batch, kv_heads, key head_dim, value head_dim)."""
     crcs = entry.get("crc32") if isinstance(entry.get("crc32"), dict) else {}
     for name in BUFFER_NAMES:
         full_name, t = _tensor_name(index, name), tensors[name]
@@ -290,22 +304,29 @@ def _check_tensors(path, index: int, tensors: dict, tokens: int, mode: KVQuantMo
         if found != crcs.get(name):
             raise ValueError(f"{path}: tensor {full_name} does not match its checksum (corrupted data): expected "
                              f"{crcs.get(name)!r}, found {found!r}")
-    key_data = tensors["key_data"]
-    if key_data.dim() != 4:
-        raise _mismatch(path, f"tensor {_tensor_name(index, 'key_data')} dimensions", 4, key_data.dim())
-    batch, heads, _, codes = key_data.shape
-    head_dim = codes * mode.spec.values_per_byte
-    expected_heads, expected_head_dim = shape if shape is not None else (heads, head_dim)
+    for name in ("key_data", "value_data"):
+        if tensors[name].dim() != 4 or tensors[name].shape[-1] == 0:
+            raise _mismatch(path, f"tensor {_tensor_name(index, name)} shape", "[batch, kv_heads, tokens, head_dim]",
+                            tuple(tensors[name].shape))
+    batch, heads, _, key_codes = tensors["key_data"].shape
+    value_codes = tensors["value_data"].shape[-1]
+    head_dims = (key_codes * mode.spec.values_per_byte, value_codes * mode.spec.values_per_byte)
+    expected_heads, *expected_head_dims = shape if shape is not None else (heads, *head_dims)
     if heads != expected_heads:
         raise _mismatch(path, f"layer {index} kv heads (num_key_value_heads)", expected_heads, heads)
-    if head_dim != expected_head_dim or head_dim not in SUPPORTED_HEAD_DIMS:
-        raise _mismatch(path, f"layer {index} head_dim", expected_head_dim, head_dim)
+    if head_dims[0] != expected_head_dims[0]:
+        what = "head_dim" if expected_head_dims[0] == expected_head_dims[1] else "key head_dim (kv_lora_rank)"
+        raise _mismatch(path, f"layer {index} {what}", expected_head_dims[0], head_dims[0])
+    if head_dims[1] != expected_head_dims[1]:
+        what = "value head_dim" + ("" if expected_head_dims[0] == expected_head_dims[1] else " (qk_rope_head_dim)")
+        raise _mismatch(path, f"layer {index} {what}", expected_head_dims[1], head_dims[1])
     for name in BUFFER_NAMES:
         full_name, t = _tensor_name(index, name), tensors[name]
+        codes = key_codes if name.startswith("key") else value_codes
         expected = (batch, heads, tokens, codes) if name.endswith("data") else (batch, heads, tokens)
         if tuple(t.shape) != expected:
             raise _mismatch(path, f"tensor {full_name} shape", expected, tuple(t.shape))
-    return batch, heads, head_dim
+    return batch, heads, *head_dims
 
 
 def _layer_devices(device, count: int) -> list[torch.device]:
@@ -319,9 +340,10 @@ def _layer_devices(device, count: int) -> list[torch.device]:
     return devices
 
 
-def _fill_layer(layer, tensors: list[torch.Tensor], entry: dict, tokens: int, dtype, device, batch, heads, head_dim):
-    empty = torch.zeros((batch, heads, 0, head_dim), dtype=dtype, device=device)
-    layer.lazy_initialization(empty, empty)  # buffers, dtype, device (and the length, rotation of a static layer)
+def _fill_layer(layer, tensors: list[torch.Tensor], entry: dict, tokens: int, dtype, device, batch, heads, head_dims):
+    keys, values = (torch.zeros((batch, heads, 0, d), dtype=dtype, device=device) for d in head_dims)
+    layer._check_input(keys, values)  # what the layer would refuse from the model (a head too wide for CUDA kernels)
+    layer.lazy_initialization(keys, values)  # buffers, dtype, device (and the length, rotation of a static layer)
     if isinstance(layer, QuantizedPerTokenHeadStaticLayer):
         layer.length.fill_(tokens)
     else:
@@ -337,7 +359,8 @@ def load_cache(path, config=None, device=None, mode=None, cls=QuantizedPerTokenH
 
     Args:
         config: the model's config (what the cache was built with). The cache's layers are built from it, and the
-            file must agree: layer count and types, sliding windows, kv heads and head_dim of every layer. ``None``
+            file must agree: layer count and types, sliding windows, kv heads and the key and value head dims of every
+            layer. ``None``
             for a cache built without a config (full-attention layers only); then only the file's own consistency is
             checked.
         device: where the layers go: None (the CPU), a device, or one device per layer (a model split by
@@ -371,11 +394,11 @@ def load_cache(path, config=None, device=None, mode=None, cls=QuantizedPerTokenH
         batches = set()
         for index, tokens in live.items():
             tensors = {n: f.get_tensor(_tensor_name(index, n)) for n in BUFFER_NAMES}
-            batch, heads, head_dim = _check_tensors(path, index, tensors, tokens, header["mode"], shapes[index],
-                                                    entries[index])
+            batch, heads, *head_dims = _check_tensors(path, index, tensors, tokens, header["mode"], shapes[index],
+                                                      entries[index])
             batches.add(batch)
             if len(batches) > 1:
                 raise ValueError(f"{path}: the layers disagree on the batch size: {sorted(batches)}")
             _fill_layer(cache.layers[index], [tensors[n] for n in BUFFER_NAMES], entries[index], tokens,
-                        _DTYPES[entries[index]["dtype"]], devices[index], batch, heads, head_dim)
+                        _DTYPES[entries[index]["dtype"]], devices[index], batch, heads, head_dims)
     return cache

@@ -30,7 +30,7 @@ import torch
 
 from .modes import KVQuantMode
 from .ops.reference import dequantize
-from .rotation import unrotate
+from .rotation import KeyValueRotation, unrotate
 
 # The name under which hf_kvquant's attention is registered with transformers' AttentionInterface.
 ATTENTION_NAME = "hf_kvquant"
@@ -55,7 +55,8 @@ class QuantizedKV:
     ``scale`` ``[batch, kv_heads, capacity]`` float32, one per token-head: ``value = data * scale``.
     ``dtype`` is the dtype of the tensors the model wrote, which a dequantized copy takes.
     ``rotation`` ``[head_dim, head_dim]`` float32: the orthogonal matrix ``R`` applied before quantizing
-    (``data * scale = x @ R``), or None (``data * scale = x``).
+    (``data * scale = x @ R``), or None (``data * scale = x``). A layer whose keys and values differ in head_dim (MLA)
+    hands both the same `KeyValueRotation`; each keeps the matrix of its own head_dim.
     ``length`` (preallocated caches, whose shapes must not change from step to step): a 0-d int64 tensor on the device,
     the number of live slots from ``start``; ``[start, end)`` is then the whole capacity, and slots past ``length``
     hold nothing a query may see (transformers' mask for such a layer hides them, and so does hf_kvquant's kernel).
@@ -70,11 +71,15 @@ class QuantizedKV:
     rotation: torch.Tensor | None = None
     length: torch.Tensor | None = None
 
+    def __post_init__(self):
+        if isinstance(self.rotation, KeyValueRotation):
+            object.__setattr__(self, "rotation", self.rotation.for_head_dim(self.shape[-1]))
+
     @property
     def shape(self) -> torch.Size:
         """The shape of the tensor this stands for: ``[batch, kv_heads, end - start, head_dim]``."""
-        batch, heads, _, head_dim = self.data.shape
-        return torch.Size((batch, heads, self.end - self.start, head_dim))
+        batch, heads, _, codes = self.data.shape
+        return torch.Size((batch, heads, self.end - self.start, codes * self.mode.spec.values_per_byte))
 
     @property
     def device(self) -> torch.device:

@@ -55,12 +55,14 @@ def _left_padding(batch, kv_len, pads):
 
 
 def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.float32, pads=None,
-           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=quantized_attention, sinks=None):
+           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=quantized_attention, sinks=None,
+           value_head_dim=None):
     """``attend(query, key, value, mask, **options)`` against the reference over the dequantized (with ``hadamard``:
-    un-rotated) keys and values."""
-    torch.manual_seed(hash((batch, heads, q_len, kv_len, head_dim)) % 2**31)
+    un-rotated) keys and values. Values have ``value_head_dim`` channels (default: the keys' ``head_dim``)."""
+    value_head_dim = head_dim if value_head_dim is None else value_head_dim
+    torch.manual_seed(hash((batch, heads, q_len, kv_len, head_dim, value_head_dim)) % 2**31)
     key = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype, hadamard=hadamard)
-    value = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype, hadamard=hadamard)
+    value = _quantized(batch, kv_heads, kv_len, value_head_dim, mode, dtype=dtype, hadamard=hadamard)
     query = torch.randn(batch, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
     mask = _left_padding(batch, kv_len, pads) if pads else None
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
@@ -69,7 +71,7 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
     out = attend(query, key, value, mask, **options)
     exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
     expected = attention_reference(query.float(), exact_key, exact_value, mask, **options)
-    assert out.shape == (batch, q_len, heads, head_dim) and out.dtype == dtype
+    assert out.shape == (batch, q_len, heads, value_head_dim) and out.dtype == dtype
     assert torch.isfinite(out).all()
     error = (out.float() - expected).abs().max().item()
     allowed = TOLERANCE[dtype] * expected.abs().max().item()
@@ -101,7 +103,7 @@ def _rotation_rounding_bound(query, key, value, out, scaling) -> float:
     scaling = head_dim**-0.5 if scaling is None else scaling
     scores = scaling * query.float().norm(dim=-1).max().item() * key.norm(dim=-1).max().item()
     v_max = value.abs().max().item()
-    return 2 * u * (scores * (v_max + out.abs().max().item()) + head_dim**0.5 * v_max)
+    return 2 * u * (scores * (v_max + out.abs().max().item()) + value.shape[-1] ** 0.5 * v_max)
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
@@ -185,13 +187,13 @@ def test_decode_at_scale(mode, batch, heads, kv_heads, kv_len):
 @pytest.mark.parametrize("q_len,kv_len,pads", [(1, 1100, None), (3, 2100, None), (1, 2100, [0, 700])])
 def test_split_launches_back_to_back(mode, q_len, kv_len, pads):
     """Long caches split across programs, merged by the last split of each row block, which resets its counter: the
-    same workspace serves launch after launch, each equal to the reference, and leaves the counters at zero."""
+    same counters serve launch after launch, each equal to the reference, and are left at zero."""
     from hf_kvquant.ops import attention_kernel as attention
 
     for _ in range(3):
         _check(2, 4, 2, q_len, kv_len, 64, mode, pads=pads)
-    assert attention._split_buffers, "these shapes should take the split path"
-    assert all((counters == 0).all() for _, counters in attention._split_buffers.values())
+    assert attention._split_counters, "these shapes should take the split path"
+    assert all((counters == 0).all() for counters in attention._split_counters.values())
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
@@ -271,3 +273,130 @@ def test_sinks(mode, q_len, kv_len, window, pads):
         sinks = sinks.to(DEVICE)
         _check(2, heads, 2, q_len, kv_len, 64, mode, QUERY_DTYPES[-1], pads=pads, sliding_window=window,
                sinks=sinks)
+
+
+# -- any head size, and keys and values of different head sizes (MLA) ------------------------------------------------
+
+# Tiles padded to a power of two (80, 112, 160, 192, 72: PAD_D), each tile width from 32 to 512 (and 8, under the
+# smallest dot tile of 16), the widest head (512: fewer tokens per tile), and keys and values of different head dims:
+# MLA as transformers' DeepSeek-V3 caches it (a 512-channel latent as keys, the 64-channel rotary part as values) and as
+# its attention sees it after expansion (192-channel keys, 128-channel values).
+HEAD_DIM_PAIRS = [(32, 32), (80, 80), (112, 112), (160, 160), (192, 192), (512, 512), (72, 72), (8, 24),
+                  (192, 128), (512, 64)]
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("head_dim,value_head_dim", HEAD_DIM_PAIRS)
+def test_head_dims(mode, head_dim, value_head_dim):
+    # Decode over a left-padded row and a short causal prefill, GQA 2: tiny enough for the interpreter.
+    for dtype in QUERY_DTYPES:
+        _check(2, 4, 2, 1, 40, head_dim, mode, dtype, pads=[0, 3], value_head_dim=value_head_dim)
+        _check(1, 2, 1, 12, 12, head_dim, mode, dtype, value_head_dim=value_head_dim)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+def test_value_head_dim_differs_split_window_sinks(mode):
+    # Split decode (1100 tokens: partials and their merge are value-wide), then a prefill with a window, soft-capping
+    # and sinks, and decode with the rotation of each head dim (the query rotated by the keys', the output un-rotated
+    # by the values').
+    _check(1, 2, 1, 1, 1100, 192, mode, value_head_dim=128)
+    _check(2, 4, 2, 10, 50, 192, mode, pads=[0, 6], sliding_window=16, softcap=5.0, scaling=0.2,
+           sinks=torch.tensor([1.0, -2.0, 0.5, 3.0], device=DEVICE), value_head_dim=128)
+    _check(2, 4, 2, 1, 70, 192, mode, hadamard=True, attend=attend_quantized, value_head_dim=128)
+
+
+def test_wrong_head_dims_are_refused_by_the_kernel():
+    mode = KVQuantMode.INT8_PER_TOKEN_HEAD
+    key = _quantized(1, 1, 4, 64, mode)
+    value = _quantized(1, 1, 4, 64, mode)
+    with pytest.raises(ValueError, match="query head_dim 32, key head_dim 64.*query and key of one head_dim"):
+        quantized_attention(torch.zeros(1, 1, 1, 32, device=DEVICE), key, value)
+    wide = _quantized(1, 1, 4, 640, mode)
+    with pytest.raises(ValueError, match="value head_dim 640.*each head_dim from 1 to 512"):
+        quantized_attention(torch.zeros(1, 1, 1, 64, device=DEVICE), key, wide)
+
+
+def test_reference_takes_value_head_dim_and_refuses_a_key_of_another():
+    query, key, value = torch.randn(1, 2, 3, 48), torch.randn(1, 1, 3, 48), torch.randn(1, 1, 3, 20)
+    out = attention_reference(query, key, value)
+    assert out.shape == (1, 3, 2, 20)
+    assert torch.allclose(out[:, 0], value[:, :, 0].expand(1, 2, 20))  # the first query sees only the first key
+    with pytest.raises(ValueError, match="keys need the query's head_dim"):
+        attention_reference(query, torch.randn(1, 1, 3, 40), value)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("head_dim", list(range(32, 513, 16)))
+def test_every_head_dim_on_the_gpu(mode, head_dim):
+    """Every multiple of 16 from 32 to 512 (the issue's range), bf16, in a split decode and a prefill longer than one
+    tile: each compiles (registers and shared memory of the head_dim 256 tiles at most) and matches the reference."""
+    _check(2, 8, 2, 1, 1100, head_dim, mode, torch.bfloat16, pads=[0, 5])
+    _check(1, 4, 2, 70, 150, head_dim, mode, torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("dtype", QUERY_DTYPES)
+@pytest.mark.parametrize("head_dim,value_head_dim", HEAD_DIM_PAIRS)
+def test_head_dims_at_gpu_sizes(mode, dtype, head_dim, value_head_dim):
+    # Decode split across programs, GQA 4, and a prefill with bulk (unmasked) tiles.
+    _check(2, 8, 2, 1, 3000, head_dim, mode, dtype, pads=[0, 40], value_head_dim=value_head_dim)
+    _check(2, 4, 1, 200, 300, head_dim, mode, dtype, value_head_dim=value_head_dim)
+
+
+@requires_cuda
+def test_widest_heads_compile_without_spills():
+    """head_dim 512 takes half the tokens (and rows) per tile that 256 takes, so that its tiles need no more registers
+    or shared memory: compiled for this GPU, no variant of the attention kernel spills registers (a spill is reserved
+    as local memory for every thread the GPU can hold: eval/results/kernel_tuning.md)."""
+    from hf_kvquant.ops import attention_kernel
+
+    for cache in getattr(attention_kernel._attention_kernel, "device_caches", {}).values():
+        cache[0].clear()  # only the variants compiled here are inspected
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_dim, value_head_dim in ((512, 512), (512, 64), (64, 512)):
+            _check(2, 8, 2, 1, 1100, head_dim, KVQuantMode.INT8_PER_TOKEN_HEAD, dtype, value_head_dim=value_head_dim)
+            _check(1, 8, 1, 150, 150, head_dim, KVQuantMode.FP8_PER_TOKEN_HEAD, dtype, value_head_dim=value_head_dim)
+    caches = getattr(attention_kernel._attention_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps no per-device kernel cache to inspect")
+    compiled = [kernel for cache in caches.values() for kernel in cache[0].values()]
+    assert compiled
+    names = attention_kernel._attention_kernel.arg_names
+    shown = ("q_len", "GROUP", "HEAD_DIM_K", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N", "DOT_PRECISION")
+    spilling = [({names[index[0]]: value for index, value in constants.items() if names[index[0]] in shown},
+                 k.n_spills)
+                for k in compiled if getattr(k, "n_spills", 0)
+                for constants in [getattr(getattr(k, "src", None), "constants", None) or {}]]
+    assert not spilling, spilling
+
+
+@pytest.mark.parametrize("value_head_dim", [16, 32, 48])
+def test_compiled_operator_output_has_the_values_head_dim(value_head_dim):
+    """The custom operator dynamo keeps in a compiled graph: its fake (shape-only) implementation gives the values'
+    head_dim, as the real one does (the reference on the CPU, the kernel on a GPU)."""
+    mode = KVQuantMode.INT8_PER_TOKEN_HEAD
+    key = _quantized(1, 1, 6, 32, mode, start=0, spare=2)
+    value = _quantized(1, 1, 6, value_head_dim, mode, start=0, spare=2)
+    query = torch.randn(1, 2, 3, 32, device=DEVICE)
+    args = (query, key.data, key.scale, value.data, value.scale, torch.tensor(6, device=DEVICE), None, 0,
+            mode.spec.kernel_format, None, None, None, None)
+    assert torch.ops.hf_kvquant.attention(*args).shape == (1, 3, 2, value_head_dim)
+    checks = torch.library.opcheck(torch.ops.hf_kvquant.attention.default, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert set(checks.values()) == {"SUCCESS"}, checks
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("q_len,kv_len", [(1, 60), (20, 20)])
+def test_keys_and_values_of_one_head_dim_in_buffers_of_other_strides(mode, q_len, kv_len):
+    # Same head_dim, different buffer capacities: the kernel reads each with its own strides.
+    key = _quantized(2, 2, kv_len, 80, mode, spare=7)
+    value = _quantized(2, 2, kv_len, 80, mode, spare=30)
+    assert key.data.stride() != value.data.stride()
+    query = torch.randn(2, 4, q_len, 80, device=DEVICE)
+    out = quantized_attention(query, key, value)
+    exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
+    expected = attention_reference(query, exact_key, exact_value)
+    assert (out - expected).abs().max().item() <= TOLERANCE[torch.float32] * expected.abs().max().item()

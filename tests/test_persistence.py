@@ -17,6 +17,7 @@ import re
 
 import pytest
 import torch
+from conftest import as_bytes, assert_same_state, fill, gemma_config, live_tokens, llama_config, state, tokens
 from safetensors import safe_open
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
@@ -25,8 +26,6 @@ from hf_kvquant import (
     ATTENTION_NAME,
     KVQuantMode,
     QuantizedPerTokenHeadCache,
-    QuantizedPerTokenHeadLayer,
-    QuantizedPerTokenHeadStaticLayer,
     persistence,
 )
 from hf_kvquant.ops.reference import dequantize, quantize_reference
@@ -35,94 +34,8 @@ MODES = list(KVQuantMode)
 MODE_IDS = [m.value for m in MODES]
 
 # ---------------------------------------------------------------------------------------------------------------
-# helpers (test_properties.py uses them too)
+# helpers (those of any cache test are in conftest.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def llama_config(layers=2, heads=1, head_dim=64, attn=None, **extra):
-    config = LlamaConfig(
-        num_hidden_layers=layers, hidden_size=2 * heads * head_dim, num_attention_heads=2 * heads,
-        num_key_value_heads=heads, head_dim=head_dim, intermediate_size=32, vocab_size=128, **extra,
-    )
-    if attn is not None:
-        config._attn_implementation = attn
-    return config
-
-
-def gemma_config(layer_types, sliding_window, heads=1, head_dim=64, **extra):
-    return Gemma3TextConfig(
-        num_hidden_layers=len(layer_types), layer_types=list(layer_types), sliding_window=sliding_window,
-        hidden_size=2 * heads * head_dim, num_attention_heads=2 * heads, num_key_value_heads=heads,
-        head_dim=head_dim, intermediate_size=32, vocab_size=128, **extra,
-    )
-
-
-def tokens(shape, dtype=torch.float32, seed=0):
-    """Keys and values ``shape = (batch, heads, n, head_dim)`` of mixed magnitudes."""
-    g = torch.Generator().manual_seed(seed)
-    mags = torch.exp(torch.randn(*shape[:3], 1, generator=g) * 2)
-    return (torch.randn(*shape, generator=g) * mags).to(dtype), (torch.randn(*shape, generator=g) * mags).to(dtype)
-
-
-def fill(cache, steps, batch=2, heads=1, head_dim=64, dtype=torch.float32, seed=0):
-    """Forward passes of ``steps`` tokens each through every attention layer (layers a config makes exist, or
-    ``len(cache.layers)`` lazily created ones)."""
-    count = len(cache.layers) or 2
-    for step, n in enumerate(steps):
-        for index in range(count):
-            if index < len(cache.layers) and not isinstance(cache.layers[index], QuantizedPerTokenHeadLayer):
-                continue  # a dummy layer
-            cache.update(*tokens((batch, heads, n, head_dim), dtype, seed=1000 * seed + 10 * step + index), index)
-    return cache
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.element_size() == 1 else t
-
-
-def live_tokens(layer) -> int:
-    return int(layer.length) if isinstance(layer, QuantizedPerTokenHeadStaticLayer) else layer.stored
-
-
-def state(cache, live_only=False):
-    """Everything an operation that fails must leave as it was (``live_only``: what a round trip must keep: counters
-    and the live slots, not the spare capacity)."""
-    out = []
-    for layer in cache.layers:
-        if not isinstance(layer, QuantizedPerTokenHeadLayer):
-            out.append(type(layer).__name__)
-            continue
-        entry = dict(
-            type=type(layer).__name__, initialized=layer.is_initialized, stored=layer.stored,
-            cumulative_length=layer.cumulative_length, sliding_window=getattr(layer, "sliding_window", None),
-            record_past=getattr(layer, "record_past", None), rollback_base=getattr(layer, "_rollback_base", None),
-            mode=layer.mode, hadamard=layer.hadamard,
-        )
-        if layer.is_initialized:
-            n = live_tokens(layer)
-            entry.update(dtype=layer.dtype, device=layer.device, length=n, shape=tuple(layer.key_data.shape[:2]))
-            entry["live"] = [_bytes(t)[:, :, :n].clone() for t in layer.buffers]
-            if not live_only:
-                entry.update(capacity=layer.capacity, ptrs=[t.data_ptr() for t in layer.buffers],
-                             all=[_bytes(t).clone() for t in layer.buffers])
-        out.append(entry)
-    return out
-
-
-def assert_same_state(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        if isinstance(x, str) or isinstance(y, str):
-            assert x == y
-            continue
-        assert x.keys() == y.keys()
-        for key in x:
-            if key in ("live", "all"):
-                assert len(x[key]) == len(y[key])
-                for t, u in zip(x[key], y[key]):
-                    assert t.dtype == u.dtype and torch.equal(t, u), key
-            else:
-                assert x[key] == y[key], key
 
 
 def write_variant(src, dst, edit_layers=None, edit_tensors=None, **fields):
@@ -241,7 +154,7 @@ def test_static_cache_reset_keeps_its_buffers_through_the_round_trip(tmp_path):
     loaded = QuantizedPerTokenHeadCache.load(path, config=llama_config(layers=1))
     assert int(loaded.get_seq_length()) == 4 and loaded.layers[0].capacity == 16
     # slots past the length are zeros in the loaded cache (the saved one still holds the cropped tokens there)
-    assert not _bytes(loaded.layers[0].key_data)[:, :, 4:].any()
+    assert not as_bytes(loaded.layers[0].key_data)[:, :, 4:].any()
     cache.reset()
     cache.save(path)
     loaded = QuantizedPerTokenHeadCache.load(path, config=llama_config(layers=1))
@@ -789,3 +702,95 @@ def test_crop_refused_by_a_sliding_layer_changes_no_layer():
     with pytest.raises(RuntimeError, match="no longer holds the tokens"):
         cache.crop(-3)
     assert_same_state(before, state(cache))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# any head size, and keys and values of different head sizes (MLA)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _deepseek_config(layers=2, kv_lora_rank=32, qk_rope_head_dim=8):
+    """A tiny DeepSeek-V3 config: its attention hands the cache one head of the ``kv_lora_rank`` latent as keys and
+    one of the ``qk_rope_head_dim`` rotary part as values."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(num_hidden_layers=layers, hidden_size=64, num_attention_heads=4, q_lora_rank=None,
+                            kv_lora_rank=kv_lora_rank, qk_nope_head_dim=16, qk_rope_head_dim=qk_rope_head_dim,
+                            v_head_dim=16, vocab_size=128)
+
+
+def _fill_mla(cache, steps, key_head_dim=32, value_head_dim=8, seed=0):
+    for step, n in enumerate(steps):
+        for index in range(len(cache.layers) or 2):
+            key, _ = tokens((2, 1, n, key_head_dim), seed=seed + 10 * step + index)
+            _, value = tokens((2, 1, n, value_head_dim), seed=seed + 10 * step + index + 5)
+            cache.update(key, value, index)
+    return cache
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("hadamard", [False, True], ids=["plain", "hadamard"])
+@pytest.mark.parametrize("max_cache_len", [None, 16])
+def test_mla_round_trip_keeps_both_head_dims(tmp_path, mode, hadamard, max_cache_len):
+    config = _deepseek_config()
+    cache = _fill_mla(QuantizedPerTokenHeadCache(config=config, mode=mode, max_cache_len=max_cache_len,
+                                                 hadamard=hadamard), [6, 1])
+    path = tmp_path / "mla.safetensors"
+    cache.save(path)
+    for load_config in (config, None):  # without a config, the file's own (consistent) head dims
+        loaded = QuantizedPerTokenHeadCache.load(path, config=load_config)
+        assert_same_state(state(cache, live_only=True), state(loaded, live_only=True))
+        assert all(layer.head_dims == (32, 8) for layer in loaded.layers)
+        original = copy.deepcopy(cache)
+        _fill_mla(original, [2], seed=50)
+        _fill_mla(loaded, [2], seed=50)
+        assert_same_state(state(original, live_only=True), state(loaded, live_only=True))
+
+
+MLA_MISMATCHES = {
+    "kv_lora_rank": (_deepseek_config(kv_lora_rank=48),
+                     "layer 0 key head_dim (kv_lora_rank) mismatch: expected 48, found 32"),
+    "qk_rope_head_dim": (_deepseek_config(qk_rope_head_dim=16),
+                         "layer 0 value head_dim (qk_rope_head_dim) mismatch: expected 16, found 8"),
+    "not_mla": (llama_config(layers=2, head_dim=32), "layer 0 value head_dim mismatch: expected 32, found 8"),
+}
+
+
+@pytest.mark.parametrize("case", list(MLA_MISMATCHES))
+def test_mla_file_checked_against_the_config(tmp_path, case):
+    path = tmp_path / "mla.safetensors"
+    _fill_mla(QuantizedPerTokenHeadCache(config=_deepseek_config()), [3]).save(path)
+    config, fragment = MLA_MISMATCHES[case]
+    with pytest.raises(ValueError) as excinfo:
+        QuantizedPerTokenHeadCache.load(path, config=config)
+    assert fragment in str(excinfo.value)
+
+
+def test_value_tensor_of_another_head_dim_than_its_scale_says_is_refused(tmp_path):
+    path = tmp_path / "mla.safetensors"
+    _fill_mla(QuantizedPerTokenHeadCache(), [3]).save(path)
+
+    def edit(tensors):
+        tensors["layers.1.value_data"] = tensors["layers.1.value_data"][:, :, :2].contiguous()  # 2 tokens, not 3
+
+    bad = write_variant(path, tmp_path / "bad.safetensors", edit_tensors=edit)
+    with pytest.raises(ValueError, match=r"tensor layers.1.value_data shape mismatch: expected \(2, 1, 3, 8\)"):
+        QuantizedPerTokenHeadCache.load(bad)
+
+
+def test_head_dim_80_round_trip(tmp_path):
+    """phi-2's head_dim (hidden_size / heads = 80, no head_dim in the config), with the rotation of 80 channels."""
+    from transformers import PhiConfig
+
+    from hf_kvquant.rotation import hadamard_matrix
+
+    config = PhiConfig(num_hidden_layers=2, hidden_size=160, num_attention_heads=2, intermediate_size=32,
+                       vocab_size=128)
+    cache = fill(QuantizedPerTokenHeadCache(config=config, hadamard=True), [5, 1], heads=2, head_dim=80)
+    path = tmp_path / "phi.safetensors"
+    cache.save(path)
+    loaded = QuantizedPerTokenHeadCache.load(path, config=config)
+    assert_same_state(state(cache, live_only=True), state(loaded, live_only=True))
+    assert all(layer.rotation is hadamard_matrix(80) for layer in loaded.layers)
+    with pytest.raises(ValueError, match="layer 0 head_dim mismatch: expected 64, found 80"):
+        QuantizedPerTokenHeadCache.load(path, config=llama_config(layers=2, heads=2, head_dim=64))

@@ -317,7 +317,7 @@ def _run_kernel(key, value, slots, buffers, mode):
 @requires_triton
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 @pytest.mark.parametrize("dtype", IN_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 112, 128, 160, 192, 256, 512])
 def test_triton_kernel_matches_reference_bytes(mode, dtype, head_dim):
     batch, heads, tokens, capacity = 2, 3, 9, 16
     key, value = _special_kv(batch, tokens, heads, head_dim, dtype, mode, seed=head_dim)
@@ -448,3 +448,77 @@ def test_kernel_bytes_equal_reference(mode, dtype, head_dim, tokens):
             assert torch.equal(e, g)
         else:
             assert torch.equal(e.view(torch.uint8), g.view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any head size, and keys and values of different head sizes (MLA)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mixed_tokens(batch, tokens, heads, head_dim, dtype, seed):
+    """[batch, heads, tokens, head_dim] viewed transposed from [batch, tokens, heads, head_dim] (as transformers hands
+    them over), magnitudes from 1e-3 to 1e3 across tokens, one all-zero token-head."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, heads, head_dim, generator=g) * torch.logspace(-3, 3, tokens)[None, :, None, None]
+    x[0, 0, 0] = 0.0
+    return x.to(dtype).transpose(1, 2)
+
+
+# MLA as transformers caches it (latent 512 / rotary 64), after expansion (192 / 128), wider values than keys, and
+# head dims that are not multiples of 16 (1, 3, 8, 24, 72, 100: tiles padded to a power of two).
+KEY_VALUE_HEAD_DIMS = [(192, 128), (512, 64), (64, 512), (8, 24), (1, 3), (72, 100)]
+
+
+def _check_key_value_head_dims(mode, dtype, key_head_dim, value_head_dim, tokens, device):
+    batch, heads, capacity = 2, 3, tokens + 5
+    key = _mixed_tokens(batch, tokens, heads, key_head_dim, dtype, seed=key_head_dim)
+    value = _mixed_tokens(batch, tokens, heads, value_head_dim, dtype, seed=1000 + value_head_dim) * 7
+    slots = torch.randperm(capacity, generator=torch.Generator().manual_seed(tokens))[:tokens]
+    key_buffers = _sentinel_buffers(batch, heads, capacity, key_head_dim, mode, seed=17)
+    value_buffers = _sentinel_buffers(batch, heads, capacity, value_head_dim, mode, seed=18)
+    expected = [*key_buffers[:2], *value_buffers[2:]]
+    got = [b.clone().to(device) for b in expected]
+    quantize_into_reference(key, value, slots, expected, mode)
+    quantize_into_triton(key.to(device), value.to(device), slots.to(device), got, mode)
+    for e, g in zip(expected, got):
+        assert e.shape == g.shape
+        assert torch.equal(_bytes(e), _bytes(g.cpu()))
+    # Each of keys and values got its own per-token-head scale, over its own channels.
+    assert torch.equal(expected[1][:, :, slots], quantize_reference(key, mode)[1])
+    assert torch.equal(expected[3][:, :, slots], quantize_reference(value, mode)[1])
+
+
+@requires_triton
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+@pytest.mark.parametrize("key_head_dim,value_head_dim", KEY_VALUE_HEAD_DIMS)
+def test_triton_kernel_key_value_head_dims_differ(mode, key_head_dim, value_head_dim):
+    _check_key_value_head_dims(mode, torch.float32, key_head_dim, value_head_dim, 6, "cuda" if HAS_CUDA else "cpu")
+
+
+@requires_triton
+def test_triton_kernel_refuses_a_head_wider_than_its_tiles():
+    mode = INT8
+    buffers = _sentinel_buffers(1, 1, 2, 640, mode, seed=19)
+    device = "cuda" if HAS_CUDA else "cpu"
+    with pytest.raises(ValueError, match="key head_dim 640, value head_dim 640; accepted: 1 to 512"):
+        quantize_into_triton(torch.ones(1, 1, 1, 640, device=device), torch.ones(1, 1, 1, 640, device=device),
+                             torch.zeros(1, dtype=torch.long, device=device), [b.to(device) for b in buffers], mode)
+    assert (buffers[1] == SENTINEL_SCALE).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("head_dim", list(range(32, 513, 16)))
+def test_every_head_dim_bytes_equal_reference_on_the_gpu(mode, head_dim):
+    """Every multiple of 16 from 32 to 512, bf16, a prefill-sized write and a decode-sized one."""
+    for tokens in (1, 300):
+        _check_key_value_head_dims(mode, torch.bfloat16, head_dim, head_dim, tokens, "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("key_head_dim,value_head_dim", KEY_VALUE_HEAD_DIMS)
+def test_key_value_head_dims_differ_on_the_gpu(mode, dtype, key_head_dim, value_head_dim):
+    for tokens in (1, 1000):
+        _check_key_value_head_dims(mode, dtype, key_head_dim, value_head_dim, tokens, "cuda")

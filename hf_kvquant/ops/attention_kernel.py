@@ -13,6 +13,10 @@ kernel. When rows alone give too few programs to fill the GPU (decode), the visi
 across programs as well (flash-decoding); the last program of a row block to finish merges the partial
 softmaxes, in the same launch (one launch per call: in eager decoding the host's launch time is what
 small batches wait on). Tuning measurements: eval/results/kernel_tuning.md.
+
+Any head_dim up to `MAX_KERNEL_HEAD_DIM` (512): tiles are padded to the next power of two (at least 16, the smallest
+``tl.dot``) and masked. Keys (and queries) and values may have different head dims (MLA); the output has the values'.
+Heads wider than 256 take fewer tokens and rows per tile (`_block_sizes`), so their tiles fit where 256's did.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import triton.language as tl
 from triton.runtime import driver
 
 from ..quantized_kv import QuantizedKV
+from . import MAX_KERNEL_HEAD_DIM
 from .launch import Launcher
 
 _LOG2E = 1.4426950408889634
@@ -47,7 +52,8 @@ def _tanh(x):
 @triton.jit
 def _load_tile(ptrs, col_valid, d_valid, WHOLE: tl.constexpr, PAD_D: tl.constexpr):
     """A [BLOCK_N, BLOCK_D] K/V tile, masked only where it can run out of range: tokens past the end of a partial tile
-    (not WHOLE) and head_dim padding (PAD_D, head_dim 96). Unmasked loads need no predicates per row."""
+    (not WHOLE) and head_dim padding (PAD_D: a head_dim that is not a power of two, such as 80, 96 or 192). Unmasked
+    loads need no predicates per row."""
     if not WHOLE:
         tile = tl.load(ptrs, mask=col_valid[:, None] & d_valid[None, :], other=0.0)
     elif PAD_D:
@@ -60,23 +66,29 @@ def _load_tile(ptrs, col_valid, d_valid, WHOLE: tl.constexpr, PAD_D: tl.constexp
 @triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q, q_pos, lo, hi,
-    k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
-    qk_scale, softcap, window, offs_d, d_valid,
+    k_ptr, v_ptr, k_base, k_st, v_base, v_st, ks_row, vs_row, mask_ptr, mask_base,
+    qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
-    POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD_D: tl.constexpr,
+    POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD_DK: tl.constexpr, PAD_DV: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr,
 ):
     """Online softmax over tokens [lo, hi). Without POSITION_MASK the range is whole tiles that every row sees (tiles
-    below the causal diagonal): no bounds, causal or window masks in the hot loop, only the padding mask if any."""
+    below the causal diagonal): no bounds, causal or window masks in the hot loop, only the padding mask if any.
+    SAME_LAYOUT: keys and values have one head_dim and one layout (all but MLA), so one set of offsets serves both."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_valid = cols < hi
-        kv_offsets = kv_base + cols[:, None] * kv_st + offs_d[None, :]
-        # int8/e4m3 -> float32 -> query dtype: exact, the fastest route measured, the one the interpreter gets right.
-        k = _load_tile(k_ptr + kv_offsets, col_valid, d_valid, not POSITION_MASK, PAD_D).to(tl.float32).to(q.dtype)
-        if POSITION_MASK:
-            k_scale = tl.load(ks_ptr + s_base + cols, mask=col_valid, other=0.0)
+        k_offsets = k_base + cols[:, None] * k_st + offs_dk[None, :]
+        if SAME_LAYOUT:
+            v_offsets = k_offsets
         else:
-            k_scale = tl.load(ks_ptr + s_base + cols)
+            v_offsets = v_base + cols[:, None] * v_st + offs_dv[None, :]
+        # int8/e4m3 -> float32 -> query dtype: exact, the fastest route measured, the one the interpreter gets right.
+        k = _load_tile(k_ptr + k_offsets, col_valid, dk_valid, not POSITION_MASK, PAD_DK).to(tl.float32).to(q.dtype)
+        if POSITION_MASK:
+            k_scale = tl.load(ks_row + cols, mask=col_valid, other=0.0)
+        else:
+            k_scale = tl.load(ks_row + cols)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
         if SOFTCAP:
             scores = softcap * _tanh(scores / softcap) * LOG2E
@@ -95,10 +107,10 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if POSITION_MASK:
-            v_scale = tl.load(vs_ptr + s_base + cols, mask=col_valid, other=0.0)
+            v_scale = tl.load(vs_row + cols, mask=col_valid, other=0.0)
         else:
-            v_scale = tl.load(vs_ptr + s_base + cols)
-        v = _load_tile(v_ptr + kv_offsets, col_valid, d_valid, not POSITION_MASK, PAD_D).to(tl.float32).to(q.dtype)
+            v_scale = tl.load(vs_row + cols)
+        v = _load_tile(v_ptr + v_offsets, col_valid, dv_valid, not POSITION_MASK, PAD_DV).to(tl.float32).to(q.dtype)
         p = (p * v_scale[None, :]).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -150,17 +162,20 @@ def _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid
 @triton.jit
 def _attention_kernel(
     q_ptr, q_sb, q_sh, q_st,
-    k_ptr, v_ptr, kv_sb, kv_sh, kv_st,
-    ks_ptr, vs_ptr, s_sb, s_sh,
+    k_ptr, k_sb, k_sh, k_st,
+    v_ptr, v_sb, v_sh, v_st,
+    ks_ptr, ks_sb, ks_sh,
+    vs_ptr, vs_sb, vs_sh,
     mask_ptr, mask_sb,
     o_ptr, o_sb, o_st, o_sh,
     part_ptr, count_ptr, len_ptr, sink_ptr,
     kv_start, kv_len, q_len, num_kv_heads, tokens_per_split,
     qk_scale, softcap, window,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
     BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr,
 ):
     # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
     # short ones fill the tail.
@@ -180,10 +195,14 @@ def _attention_kernel(
     row_valid = rows < num_rows
     q_idx = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * q_sb + head[:, None] * q_sh + q_idx[:, None] * q_st + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    # Queries and keys have HEAD_DIM_K channels, values and the output HEAD_DIM_V (they differ in MLA latents), each
+    # padded to a power of two.
+    offs_dk = tl.arange(0, BLOCK_DK)
+    dk_valid = offs_dk < HEAD_DIM_K
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_valid = offs_dv < HEAD_DIM_V
+    q = tl.load(q_ptr + b * q_sb + head[:, None] * q_sh + q_idx[:, None] * q_st + offs_dk[None, :],
+                mask=row_valid[:, None] & dk_valid[None, :], other=0.0)
     q_pos = kv_len - q_len + q_idx  # visible position of each row's query
     first_pos = kv_len - q_len + (pid_m * BLOCK_M) // GROUP
     last_pos = kv_len - q_len + (tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1) // GROUP
@@ -198,33 +217,37 @@ def _attention_kernel(
         # Whole tiles at or before the first row's position are visible to every row of the block.
         bulk_end = tl.maximum(lo, lo + (tl.minimum(hi, first_pos + 1) - lo) // BLOCK_N * BLOCK_N)
 
-    kv_base = b * kv_sb + kv_head * kv_sh + kv_start * kv_st
-    s_base = b * s_sb + kv_head * s_sh + kv_start
+    k_base = b * k_sb + kv_head * k_sh + kv_start * k_st
+    v_base = b * v_sb + kv_head * v_sh + kv_start * v_st
+    ks_row = ks_ptr + b * ks_sb + kv_head * ks_sh + kv_start  # the scales of this (batch, KV head)'s slots
+    vs_row = vs_ptr + b * vs_sb + kv_head * vs_sh + kv_start
     mask_base = b * mask_sb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     if BULK_PHASE:
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, q_pos, lo, bulk_end,
-            k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
-            qk_scale, softcap, window, offs_d, d_valid,
-            BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION, HEAD_DIM != BLOCK_D)
+            k_ptr, v_ptr, k_base, k_st, v_base, v_st, ks_row, vs_row, mask_ptr, mask_base,
+            qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
+            BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
+            SAME_LAYOUT)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, bulk_end, hi,
-        k_ptr, v_ptr, kv_base, kv_st, ks_ptr, vs_ptr, s_base, mask_ptr, mask_base,
-        qk_scale, softcap, window, offs_d, d_valid,
-        BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION, HEAD_DIM != BLOCK_D)
+        k_ptr, v_ptr, k_base, k_st, v_base, v_st, ks_row, vs_row, mask_ptr, mask_base,
+        qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
+        BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
+        SAME_LAYOUT)
 
     if SPLIT:
-        # Partials [batch, kv_heads, splits, rows, ...]: all the outputs (head_dim each), then all the (max, sum)
+        # Partials [batch, kv_heads, splits, rows, ...]: all the outputs (HEAD_DIM_V each), then all the (max, sum)
         # pairs, in one buffer. The last split of the row block to finish merges them, in this same launch: in eager
         # decoding a second kernel would cost more host time than the merge costs the GPU.
         num_splits = tl.num_programs(2)
-        part_ml_ptr = part_ptr + tl.num_programs(1) * num_splits * num_rows * HEAD_DIM
+        part_ml_ptr = part_ptr + tl.num_programs(1) * num_splits * num_rows * HEAD_DIM_V
         part = (pid_bh * num_splits + pid_s) * num_rows + rows
-        tl.store(part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(part_ptr + part[:, None] * HEAD_DIM_V + offs_dv[None, :], acc,
+                 mask=row_valid[:, None] & dv_valid[None, :])
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_valid)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_valid)
         # Every thread's stores come before the count (barrier, then a release at GPU scope); the last program's
@@ -234,11 +257,11 @@ def _attention_kernel(
         if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
             tl.atomic_xchg(counter, 0)  # ready for the next launch
             acc, m_i, l_i = _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row_valid,
-                                          offs_d, d_valid, BLOCK_M, BLOCK_D, HEAD_DIM)
-            _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh, sink_ptr,
-                        HAS_SINKS)
+                                          offs_dv, dv_valid, BLOCK_M, BLOCK_DV, HEAD_DIM_V)
+            _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_dv, dv_valid, o_sb, o_st, o_sh,
+                        sink_ptr, HAS_SINKS)
     else:
-        _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh, sink_ptr,
+        _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_dv, dv_valid, o_sb, o_st, o_sh, sink_ptr,
                     HAS_SINKS)
 
 
@@ -260,43 +283,51 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-_split_buffers: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_split_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def _split_workspace(device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 room for ``partials`` values and at least ``counters`` int32 zeros, kept per device and stream across
-    launches (one allocation less per call). Launches on one stream run in order and each is done with its partials
-    when it ends; its last split of each row block resets that block's counter to zero for the next."""
+def _counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` int32 zeros, kept per device and stream across launches (no memset launch per call):
+    launches on one stream run in order, and the last split of each row block resets its counter for the next. The
+    split partials, by contrast, are allocated per call: kept, the largest prefill's would stay held.
+
+    Threads: the current stream is per thread, so threads on their own streams never share counters. Threads on one
+    stream may both build them (a race on the dict entry): each launch keeps the tensor it got, and the one dropped is
+    freed to that stream's pool, reused only after the launches queued on it."""
     key = (device, driver.active.get_current_stream(device.index) if device.type == "cuda" else 0)
-    buffers = _split_buffers.get(key)
-    if buffers is not None:
-        if buffers[0].numel() >= partials and buffers[1].numel() >= counters:
-            return buffers
-        partials, counters = max(partials, buffers[0].numel()), max(counters, buffers[1].numel())  # grow only
-    buffers = _split_buffers[key] = (
-        torch.empty(partials, device=device, dtype=torch.float32),
-        torch.zeros(max(counters, 1024), device=device, dtype=torch.int32),
-    )
-    return buffers
+    counters = _split_counters.get(key)
+    if counters is None or counters.numel() < count:
+        counters = _split_counters[key] = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
+    return counters
 
 
 # Rows per (batch, KV head) up to which a call is a decode step: one loop over long K/V streams, split across programs.
 _DECODE_ROWS = 64
 
 
+# Channels x tokens (or rows) of the largest K/V tile (and output block) a program holds: the tiles of head_dim 256
+# (BLOCK_N 64, BLOCK_M 64) tuned in the sweep. Wider heads take fewer tokens and rows per tile, so that head_dim 512
+# needs no more registers or shared memory (pipelined K/V stages) than 256 did.
+_TILE_CHANNEL_TOKENS = 256 * 64
+
+
 @functools.lru_cache
-def _block_sizes(num_rows: int, head_dim: int, float32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep (eval/results/kernel_tuning.md).
+def _block_sizes(num_rows: int, block_d: int, float32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``block_d`` channels (the wider of the keys' and values' head
+    dims, padded to a power of two), from a sweep over head_dim 64-256 (eval/results/kernel_tuning.md).
 
     Float32 queries take exact (FMA, not tensor-core) dots, whose tiles the bf16 sizes do not fit in registers: the
     spills would be reserved as local memory for every thread the GPU can hold. Small tiles and no pipelining compile
     without spills for head_dim 64-256."""
+    most = _TILE_CHANNEL_TOKENS // block_d  # 64 tokens or rows at 256, 32 at 512
+    # Past 256 channels a row of a tile is too wide for 4 warps' registers: 8 warps share each tile.
+    warps = 4 if block_d <= 256 else 8
     if float32:
-        return 16, 64, 8, 1
+        return 16, min(64, most) if block_d <= 256 else 16, 8, 1
     if num_rows <= _DECODE_ROWS:
-        block_m = max(16, _next_power_of_2(num_rows))
-        return block_m, (64 if head_dim > 128 else 128), 4, 3
-    return 64, (64 if head_dim > 128 else 128), 4, 2
+        block_m = min(max(16, _next_power_of_2(num_rows)), most)
+        return block_m, min(128, most), warps, 3
+    return min(64, most), min(128, most), warps, 2
 
 
 def quantized_attention(
@@ -310,31 +341,41 @@ def quantized_attention(
     sinks: torch.Tensor | None = None,
     own_workspace: bool = False,
 ) -> torch.Tensor:
-    """Attention of ``query [batch, heads, q_len, head_dim]`` over the quantized cache (Triton).
+    """Attention of ``query [batch, heads, q_len, head_dim]`` over the quantized cache (Triton). Keys have the query's
+    head_dim, values may have another (MLA latents); each is at most `MAX_KERNEL_HEAD_DIM`, and any size below it
+    works (tiles are padded to a power of two, at least 16).
 
     ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the slots from ``key.start``, or None; ``sinks``
     ``[heads]`` one logit per query head that joins the softmax's denominator (gpt-oss), or None.
-    Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype, as transformers' attention functions do.
+    Returns ``[batch, q_len, heads, value_head_dim]`` in the query's dtype, as transformers' attention functions do.
     With ``key.length`` (a preallocated cache) the live length is read on the device, so one launch serves every step.
-    ``own_workspace`` allocates the split partials for this call instead of reusing a per-stream buffer (inside a
-    captured graph).
+    ``own_workspace`` allocates the split counters for this call instead of reusing per-stream ones (inside a captured
+    graph).
 
     Host work is kept to a few microseconds besides the launches (`Launcher`, plain integer arithmetic): in eager
     decoding the host, not the GPU, sets the pace at small batches.
     """
     batch, heads, q_len, head_dim = query.shape
-    kv_heads = key.data.shape[1]
+    _, kv_heads, _, key_head_dim = key.data.shape
+    value_head_dim = value.data.shape[-1]
+    widest = max(key_head_dim, value_head_dim)
+    if head_dim != key_head_dim or min(key_head_dim, value_head_dim) < 1 or widest > MAX_KERNEL_HEAD_DIM:
+        raise ValueError(f"hf_kvquant attention kernel: query head_dim {head_dim}, key head_dim {key_head_dim}, value "
+                         f"head_dim {value_head_dim}; accepted: query and key of one head_dim, each head_dim from 1 "
+                         f"to {MAX_KERNEL_HEAD_DIM}")
     kv_len = key.end - key.start  # with key.length: the capacity, which sizes the grid
     group = heads // kv_heads
     num_rows = q_len * group
     if query.stride(-1) != 1:
         query = query.contiguous()
     device = query.device
-    out = torch.empty(batch, q_len, heads, head_dim, device=device, dtype=query.dtype)
+    out = torch.empty(batch, q_len, heads, value_head_dim, device=device, dtype=query.dtype)
     scaling = head_dim**-0.5 if scaling is None else scaling
 
-    block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, head_dim, query.dtype == torch.float32)
-    block_d = _next_power_of_2(head_dim)
+    # At least 16: the smallest tl.dot operand.
+    block_dk, block_dv = max(16, _next_power_of_2(head_dim)), max(16, _next_power_of_2(value_head_dim))
+    block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, max(block_dk, block_dv),
+                                                           query.dtype == torch.float32)
     row_blocks = _cdiv(num_rows, block_m)
     programs = row_blocks * batch * kv_heads
     wanted_programs = _PROGRAMS_PER_SM * _num_sms(device)
@@ -342,27 +383,31 @@ def quantized_attention(
     tokens_per_split = _cdiv(_cdiv(kv_len, splits), block_n) * block_n
     splits = max(1, _cdiv(kv_len, tokens_per_split))
 
-    if splits > 1 and own_workspace:
-        partials = torch.empty(batch * kv_heads * splits * num_rows * (head_dim + 2), device=device)
-        counters = torch.zeros(row_blocks * batch * kv_heads, device=device, dtype=torch.int32)
-    elif splits > 1:
-        partials, counters = _split_workspace(
-            device, batch * kv_heads * splits * num_rows * (head_dim + 2), row_blocks * batch * kv_heads)
+    if splits > 1:
+        partials = torch.empty(batch * kv_heads * splits * num_rows * (value_head_dim + 2), device=device)
+        count = row_blocks * batch * kv_heads
+        counters = (torch.zeros(count, device=device, dtype=torch.int32) if own_workspace
+                    else _counters(device, count))
     else:
         partials = counters = out  # unused
     if padding_mask is not None and padding_mask.dtype == torch.bool:
         padding_mask = padding_mask.view(torch.uint8)  # same bytes, a pointer type Triton loads
 
     q_sb, q_sh, q_st, _ = query.stride()
-    kv_sb, kv_sh, kv_st, _ = key.data.stride()
-    s_sb, s_sh, _ = key.scale.stride()
-    o_sb, o_st, o_sh = q_len * heads * head_dim, heads * head_dim, head_dim  # out is contiguous
+    k_sb, k_sh, k_st, _ = key.data.stride()
+    v_sb, v_sh, v_st, _ = value.data.stride()
+    same_layout = head_dim == value_head_dim and (k_sb, k_sh, k_st) == (v_sb, v_sh, v_st)
+    ks_sb, ks_sh, _ = key.scale.stride()
+    vs_sb, vs_sh, _ = value.scale.stride()
+    o_sb, o_st, o_sh = q_len * heads * value_head_dim, heads * value_head_dim, value_head_dim  # out is contiguous
     _launch_attention(
         (row_blocks, batch * kv_heads, splits),
         (
             query, q_sb, q_sh, q_st,
-            key.data, value.data, kv_sb, kv_sh, kv_st,
-            key.scale, value.scale, s_sb, s_sh,
+            key.data, k_sb, k_sh, k_st,
+            value.data, v_sb, v_sh, v_st,
+            key.scale, ks_sb, ks_sh,
+            value.scale, vs_sb, vs_sh,
             out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),
             out, o_sb, o_st, o_sh,
             partials, counters, out if key.length is None else key.length, out if sinks is None else sinks,
@@ -370,11 +415,12 @@ def quantized_attention(
             scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
         ),
         dict(
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            GROUP=group, HEAD_DIM_K=head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv,
+            BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
             SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=key.length is not None,
-            HAS_SINKS=sinks is not None,
+            HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout,
         ),
         num_warps=num_warps, num_stages=num_stages,
     )

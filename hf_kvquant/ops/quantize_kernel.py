@@ -19,6 +19,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..modes import KERNEL_FP8_E4M3, KERNEL_INT8, SCALE_FLOOR, KVQuantMode
+from . import MAX_KERNEL_HEAD_DIM
 from .launch import Launcher
 
 # Elements of one token-head tile per program: enough work to hide latency, few registers.
@@ -59,9 +60,14 @@ def _quantize_tile(
     src_ptr, stride_sb, stride_sh, stride_st,
     data_ptr, stride_db, stride_dh, stride_dt,
     scale_ptr, stride_cb, stride_ch,
-    b, h, tokens, slots, offs_d, token_mask, mask,
+    b, h, tokens, slots, token_mask,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, FORMAT: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
+    """[BLOCK_T, HEAD_DIM] new tokens of one (batch, kv-head), padded to BLOCK_D channels (zeros: no effect on the
+    absmax), quantized into their slots."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = token_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     x = tl.load(
         src_ptr + b * stride_sb + h * stride_sh + tokens[:, None] * stride_st + offs_d[None, :],
         mask=mask, other=0.0,
@@ -90,26 +96,26 @@ def _quantize_kv_kernel(
     k_ptr, k_sb, k_sh, k_st,
     v_ptr, v_sb, v_sh, v_st,
     slots_ptr,
-    kd_ptr, vd_ptr, d_sb, d_sh, d_st,
+    kd_ptr, kd_sb, kd_sh, kd_st,
+    vd_ptr, vd_sb, vd_sh, vd_st,
     ks_ptr, vs_ptr, s_sb, s_sh,
     num_heads, num_tokens,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, FORMAT: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    # One program: BLOCK_T new tokens of one (batch, kv-head), keys and values.
+    # One program: BLOCK_T new tokens of one (batch, kv-head), keys and values (whose head dims may differ: MLA).
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)  # b * batch stride passes 2**31 in large caches
     h = pid_bh % num_heads
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
     token_mask = tokens < num_tokens
-    mask = token_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     slots = tl.load(slots_ptr + tokens, mask=token_mask, other=0)
-    _quantize_tile(k_ptr, k_sb, k_sh, k_st, kd_ptr, d_sb, d_sh, d_st, ks_ptr, s_sb, s_sh,
-                   b, h, tokens, slots, offs_d, token_mask, mask, QMAX, FLOOR, FORMAT, INTERPRETED)
-    _quantize_tile(v_ptr, v_sb, v_sh, v_st, vd_ptr, d_sb, d_sh, d_st, vs_ptr, s_sb, s_sh,
-                   b, h, tokens, slots, offs_d, token_mask, mask, QMAX, FLOOR, FORMAT, INTERPRETED)
+    _quantize_tile(k_ptr, k_sb, k_sh, k_st, kd_ptr, kd_sb, kd_sh, kd_st, ks_ptr, s_sb, s_sh,
+                   b, h, tokens, slots, token_mask, HEAD_DIM_K, BLOCK_DK, QMAX, FLOOR, FORMAT, INTERPRETED)
+    _quantize_tile(v_ptr, v_sb, v_sh, v_st, vd_ptr, vd_sb, vd_sh, vd_st, vs_ptr, s_sb, s_sh,
+                   b, h, tokens, slots, token_mask, HEAD_DIM_V, BLOCK_DV, QMAX, FLOOR, FORMAT, INTERPRETED)
 
 
 _launch_quantize = Launcher(_quantize_kv_kernel)
@@ -121,21 +127,27 @@ def quantize_into_triton(
     """`hf_kvquant.ops.reference.quantize_into_reference`'s contract, one kernel launch for keys and values.
 
     ``slots`` is a device tensor (not a Python int) so that the launch can be captured in a CUDA graph.
-    Requires ``head_dim`` contiguous in the inputs and both data buffers (and both scale buffers) with equal strides.
+    Keys and values may have different head dims (MLA), each at most `MAX_KERNEL_HEAD_DIM` (any size below it: the
+    tile is padded to a power of two). Requires ``head_dim`` contiguous in the inputs and both scale buffers with
+    equal strides.
     """
     key_data, key_scale, value_data, value_scale = buffers
-    batch, num_heads, num_tokens, head_dim = key.shape
+    batch, num_heads, num_tokens, key_head_dim = key.shape
+    value_head_dim = value.shape[-1]
+    if min(key_head_dim, value_head_dim) < 1 or max(key_head_dim, value_head_dim) > MAX_KERNEL_HEAD_DIM:
+        raise ValueError(f"hf_kvquant quantize kernel: key head_dim {key_head_dim}, value head_dim {value_head_dim}; "
+                         f"accepted: 1 to {MAX_KERNEL_HEAD_DIM}")
     if num_tokens == 0:
         return
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         key, value = key.contiguous(), value.contiguous()
-    assert key_data.stride() == value_data.stride() and key_scale.stride() == value_scale.stride()
+    assert key_scale.stride() == value_scale.stride()
     spec = mode.spec
     # Float8 codes are stored through byte views (under the interpreter they are computed as integers).
     kd, vd = (t.view(torch.uint8) if t.dtype.is_floating_point else t for t in (key_data, value_data))
     # Plain integer arithmetic: triton.next_power_of_2/cdiv cost microseconds of host time per call, per layer.
-    block_d = 1 << (head_dim - 1).bit_length()
-    block_t = min(max(_TILE_ELEMENTS // block_d, 1), 1 << (num_tokens - 1).bit_length())
+    block_dk, block_dv = 1 << (key_head_dim - 1).bit_length(), 1 << (value_head_dim - 1).bit_length()
+    block_t = min(max(_TILE_ELEMENTS // max(block_dk, block_dv), 1), 1 << (num_tokens - 1).bit_length())
     grid = (-(-num_tokens // block_t), batch * num_heads)
     _launch_quantize(
         grid,
@@ -143,12 +155,13 @@ def quantize_into_triton(
             key, key.stride(0), key.stride(1), key.stride(2),
             value, value.stride(0), value.stride(1), value.stride(2),
             slots,
-            kd, vd, kd.stride(0), kd.stride(1), kd.stride(2),
+            kd, kd.stride(0), kd.stride(1), kd.stride(2),
+            vd, vd.stride(0), vd.stride(1), vd.stride(2),
             key_scale, value_scale, key_scale.stride(0), key_scale.stride(1),
             num_heads, num_tokens,
         ),
-        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, QMAX=spec.qmax, FLOOR=SCALE_FLOOR,
-             FORMAT=spec.kernel_format, INTERPRETED=_INTERPRETED),
+        dict(HEAD_DIM_K=key_head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv,
+             BLOCK_T=block_t, QMAX=spec.qmax, FLOOR=SCALE_FLOOR, FORMAT=spec.kernel_format, INTERPRETED=_INTERPRETED),
         num_warps=_NUM_WARPS,
     )
 

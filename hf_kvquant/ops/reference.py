@@ -7,6 +7,8 @@ Quantization, for each (batch, kv-head, token) row ``x`` of ``head_dim`` values:
     q     = x / scale                                  # INT8: round half to even, clamp to +-127
                                                        # FP8 e4m3: saturate to +-448, round to nearest even
 
+Any head_dim works here, and keys and values may have different ones (MLA latents): the output has the values'.
+
 Attention: queries ``[batch, heads, q_len, head_dim]`` attend to ``kv_len`` visible tokens; query ``i`` sits at visible
 position ``kv_len - q_len + i`` (the new tokens are the last ones) and sees key ``j`` when
 
@@ -51,9 +53,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 def quantize_into_reference(
     key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, buffers: Sequence[torch.Tensor], mode: KVQuantMode
 ) -> None:
-    """Quantize ``key``/``value`` ``[batch, kv_heads, tokens, head_dim]`` and write token ``t`` into slot ``slots[t]``
-    of the cache's ``buffers = (key_data, key_scale, value_data, value_scale)``: ``*_data [batch, kv_heads, capacity,
-    head_dim]`` in the mode's storage dtype, ``*_scale [batch, kv_heads, capacity]`` float32."""
+    """Quantize ``key``/``value`` ``[batch, kv_heads, tokens, head_dim]`` (each its own head_dim) and write token ``t``
+    into slot ``slots[t]`` of the cache's ``buffers = (key_data, key_scale, value_data, value_scale)``: ``*_data
+    [batch, kv_heads, capacity, head_dim]`` in the mode's storage dtype, ``*_scale [batch, kv_heads, capacity]``
+    float32."""
     key_data, key_scale, value_data, value_scale = buffers
     for x, data, scale in ((key, key_data, key_scale), (value, value_data, value_scale)):
         q, s = quantize_reference(x, mode)
@@ -72,9 +75,15 @@ def attention_reference(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over full-precision (e.g. dequantized) ``key``/``value`` ``[batch, kv_heads, kv_len, head_dim]``, by
-    the rules in this module's docstring. Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype."""
+    """Attention over full-precision (e.g. dequantized) ``key`` ``[batch, kv_heads, kv_len, head_dim]`` (the query's
+    head_dim) and ``value`` ``[batch, kv_heads, kv_len, value_head_dim]``, by the rules in this module's docstring.
+    Returns ``[batch, q_len, heads, value_head_dim]`` in the query's dtype; ``scaling`` defaults to
+    ``head_dim**-0.5``."""
     batch, heads, q_len, head_dim = query.shape
+    if key.shape[-1] != head_dim or key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"attention_reference: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)}; keys need the query's head_dim, values the keys' batch, heads and "
+                         "length")
     kv_len = key.shape[2]
     group = heads // key.shape[1]
     scaling = head_dim**-0.5 if scaling is None else scaling
