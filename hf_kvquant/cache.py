@@ -25,16 +25,24 @@ import functools
 from dataclasses import replace
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DummyLayer,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+    get_layer_types_and_kwargs,
+)
 
 from .modes import KVQuantMode
-from .ops import quantize_into
+from .ops import MAX_KERNEL_HEAD_DIM, quantize_into
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
-from .rotation import hadamard_matrix, rotate
+from .rotation import KeyValueRotation, layer_rotation, rotate
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The head dims hf_kvquant's attention kernels are built for.
-SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
+# Head dims: any on the CPU (the plain-PyTorch path); on a CUDA device up to what the Triton kernels take. Keys and
+# values may differ (MLA models cache a latent of kv_lora_rank channels as keys, the rotary part as values).
+MAX_CUDA_HEAD_DIM = MAX_KERNEL_HEAD_DIM
 
 # Growth policy: capacity = round_up(needed + max(GROWTH_MIN_TOKENS, needed // GROWTH_FRACTION), CAPACITY_GRANULE).
 # The held bytes stay within ~1.6 % (+ 80 tokens) of the used bytes, and the amortised copy per new
@@ -52,16 +60,18 @@ def _grown_capacity(needed: int) -> int:
     return _round_up(needed + max(GROWTH_MIN_TOKENS, needed // GROWTH_FRACTION), CAPACITY_GRANULE)
 
 
-# One shared 0..N-1 ramp per device: the write slots of an update are a view of it, so a decode
-# step launches no extra kernel to build them.
-_SLOT_RAMPS: dict[torch.device, torch.Tensor] = {}
+# One shared 0..N-1 ramp per device and CUDA stream: the write slots of an update are a view of it, so a decode
+# step launches no extra kernel to build them. Per stream because a ramp is built and replaced (when it grows) on the
+# current stream: another thread's stream could read it before it is written, or after its memory is reused.
+_SLOT_RAMPS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _slot_range(device: torch.device, start: int, count: int) -> torch.Tensor:
-    ramp = _SLOT_RAMPS.get(device)
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0)
+    ramp = _SLOT_RAMPS.get(key)
     if ramp is None or ramp.numel() < start + count:
         ramp = torch.arange(_round_up(2 * (start + count), 4096), device=device)
-        _SLOT_RAMPS[device] = ramp
+        _SLOT_RAMPS[key] = ramp
     return ramp[start : start + count]
 
 
@@ -117,12 +127,21 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         return sum(t.nbytes for t in self.buffers)
 
     @property
-    def rotation(self) -> torch.Tensor | None:
-        """``R [head_dim, head_dim]`` float32 that keys and values are rotated by before quantizing, or None
-        (``hadamard=False``, or nothing stored yet). Looked up, not held: copies of the layer share it."""
+    def head_dims(self) -> tuple[int, int]:
+        """(key head_dim, value head_dim) of the tokens stored (they differ in MLA models); (0, 0) before any."""
+        if self.key_data is None:
+            return 0, 0
+        values_per_byte = self.mode.spec.values_per_byte
+        return self.key_data.shape[-1] * values_per_byte, self.value_data.shape[-1] * values_per_byte
+
+    @property
+    def rotation(self) -> torch.Tensor | KeyValueRotation | None:
+        """``R [head_dim, head_dim]`` float32 that keys and values are rotated by before quantizing (a
+        `KeyValueRotation` of one matrix each where their head dims differ), or None (``hadamard=False``, or nothing
+        stored yet). Looked up, not held: copies of the layer share it."""
         if not self.hadamard or self.key_data is None:
             return None
-        return hadamard_matrix(self.key_data.shape[-1], self.device)
+        return layer_rotation(*self.head_dims, self.device)
 
     def _initial_capacity(self) -> int:
         return 0  # grown as tokens arrive
@@ -130,27 +149,31 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
-        batch, heads, _, head_dim = key_states.shape
-        self._allocate(batch, heads, head_dim, self._initial_capacity())
+        batch, heads, _, key_head_dim = key_states.shape
+        self._allocate(batch, heads, key_head_dim, value_states.shape[-1], self._initial_capacity())
         self.is_initialized = True
 
-    def _allocate(self, batch: int, heads: int, head_dim: int, capacity: int, drop: int = 0) -> None:
-        """New buffers of ``capacity`` slots holding the stored tokens but the ``drop`` oldest."""
+    def _allocate(self, batch: int, heads: int, key_head_dim: int, value_head_dim: int, capacity: int,
+                  drop: int = 0) -> None:
+        """New buffers of ``capacity`` slots holding the stored tokens but the ``drop`` oldest: codes ``[batch, heads,
+        capacity, head_dim / values_per_byte]`` of each head_dim, scales ``[batch, heads, capacity]``."""
         spec = self.mode.spec
-        codes_per_head = head_dim // spec.values_per_byte
+        key_codes, value_codes = key_head_dim // spec.values_per_byte, value_head_dim // spec.values_per_byte
         # All four buffers are built before any is replaced: an allocation failure changes nothing.
         try:
             new = (
-                torch.zeros(batch, heads, capacity, codes_per_head, dtype=spec.storage_dtype, device=self.device),
+                torch.zeros(batch, heads, capacity, key_codes, dtype=spec.storage_dtype, device=self.device),
                 torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
-                torch.zeros(batch, heads, capacity, codes_per_head, dtype=spec.storage_dtype, device=self.device),
+                torch.zeros(batch, heads, capacity, value_codes, dtype=spec.storage_dtype, device=self.device),
                 torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
             )
         except torch.OutOfMemoryError as e:
-            asked = 2 * batch * heads * capacity * (codes_per_head * spec.storage_dtype.itemsize + 4)
+            asked = batch * heads * capacity * ((key_codes + value_codes) * spec.storage_dtype.itemsize + 8)
+            head_dims = f"head_dim {key_head_dim}" + (
+                "" if key_head_dim == value_head_dim else f" (keys) / {value_head_dim} (values)")
             raise torch.OutOfMemoryError(
                 f"hf_kvquant: out of memory on {self.device} allocating {asked} bytes for {capacity} slots of a layer "
-                f"(batch {batch}, kv_heads {heads}, head_dim {head_dim}) that holds {self.nbytes} bytes; the layer keeps "
+                f"(batch {batch}, kv_heads {heads}, {head_dims}) that holds {self.nbytes} bytes; the layer keeps "
                 "its buffers"
             ) from e
         for old, fresh in zip(self.buffers, new):
@@ -159,8 +182,8 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         self.stored -= drop
 
     def _reallocate(self, capacity: int, drop: int = 0) -> None:
-        batch, heads, _, head_dim = self.key_data.shape
-        self._allocate(batch, heads, head_dim * self.mode.spec.values_per_byte, capacity, drop)
+        batch, heads = self.key_data.shape[:2]
+        self._allocate(batch, heads, *self.head_dims, capacity, drop)
 
     def _tokens_to_keep(self) -> int:
         """How many of the stored tokens a future step (or rollback) can still need."""
@@ -186,30 +209,39 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         """Reject what this layer cannot store, before anything changes."""
         if not isinstance(key_states, torch.Tensor) or not isinstance(value_states, torch.Tensor):
             raise TypeError("key_states and value_states must be torch.Tensor")
-        if key_states.dim() != 4 or key_states.shape != value_states.shape:
+        if key_states.dim() != 4 or value_states.dim() != 4 or key_states.shape[:3] != value_states.shape[:3]:
             raise ValueError(
-                "key_states and value_states must both be [batch, kv_heads, tokens, head_dim] of one shape; got "
-                f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
+                "key_states and value_states must both be [batch, kv_heads, tokens, head_dim] with the same batch, "
+                f"kv_heads and tokens (their head dims may differ); got {tuple(key_states.shape)} and "
+                f"{tuple(value_states.shape)}"
             )
         if key_states.dtype not in SUPPORTED_DTYPES or value_states.dtype != key_states.dtype:
             raise ValueError(
                 f"unsupported key/value dtype {key_states.dtype}/{value_states.dtype}; accepted: one of "
                 f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} for both"
             )
-        head_dim = key_states.shape[-1]
-        if head_dim not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"unsupported head_dim {head_dim}; accepted: {SUPPORTED_HEAD_DIMS}")
         if key_states.device != value_states.device:
             raise ValueError(f"key_states on {key_states.device} but value_states on {value_states.device}")
+        head_dims = (key_states.shape[-1], value_states.shape[-1])
+        values_per_byte = self.mode.spec.values_per_byte
+        for name, head_dim in zip(("key", "value"), head_dims):
+            if head_dim < 1 or head_dim % values_per_byte:
+                raise ValueError(f"unsupported {name} head_dim {head_dim}; accepted: any positive head_dim"
+                                 + (f" divisible by {values_per_byte}" if values_per_byte > 1 else ""))
+            if key_states.is_cuda and head_dim > MAX_CUDA_HEAD_DIM:
+                raise ValueError(
+                    f"unsupported {name} head_dim {head_dim} on {key_states.device}; accepted on a CUDA device: 1 to "
+                    f"{MAX_CUDA_HEAD_DIM} (the widest head the Triton kernels take); on the CPU any head_dim"
+                )
         if self.is_initialized:
             if key_states.device != self.device:
                 raise ValueError(f"key/value states on {key_states.device}, but this layer's cache is on {self.device}")
-            batch, heads, _, _ = self.key_data.shape
-            cached = (batch, heads, self.key_data.shape[-1] * self.mode.spec.values_per_byte)
-            if tuple(key_states.shape[:2]) + (head_dim,) != cached:
+            cached = (*self.key_data.shape[:2], *self.head_dims)
+            given = (*key_states.shape[:2], *head_dims)
+            if given != cached:
                 raise ValueError(
-                    f"key/value states of (batch, kv_heads, head_dim) = {(*key_states.shape[:2], head_dim)} do not "
-                    f"match the cache's {cached}"
+                    f"key/value states of (batch, kv_heads, key head_dim, value head_dim) = {given} do not match the "
+                    f"cache's {cached}"
                 )
             if key_states.dtype != self.dtype:
                 raise ValueError(f"key/value states are {key_states.dtype}, but this layer was filled with "
@@ -229,11 +261,17 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         """Quantize and store ``[batch, kv_heads, tokens, head_dim]`` keys and values; return what attention sees
         (the stored tokens the mask describes, the new ones included) as `QuantizedKV` views."""
         self._check_input(key_states, value_states)
-        if not self.is_initialized:
+        first = not self.is_initialized
+        if first:
             self.lazy_initialization(key_states, value_states)
         count = key_states.shape[-2]
         past_visible = self._past_visible()
-        self._reserve(count)
+        try:
+            self._reserve(count)
+        except torch.OutOfMemoryError:
+            if first:  # all or nothing: not initialized either, so the next first update may bring another shape
+                self.reset()
+            raise
         slots = _slot_range(self.device, self.stored, count)
         rotation = self.rotation
         quantize_into(rotate(key_states, rotation), rotate(value_states, rotation), slots, self.buffers, self.mode)
@@ -422,17 +460,24 @@ class QuantizedPerTokenHeadStaticLayer(QuantizedPerTokenHeadLayer):
         return self.max_cache_len
 
     def _check_room(self, count: int) -> None:
+        # `generate` is refused earlier, before its first step (`QuantizedPerTokenHeadCache.check_generation_length`);
+        # this catches direct forward calls and a cache reused without `reset()`.
         if count > self.max_cache_len:
-            raise ValueError(f"{count} new tokens exceed this cache's max_cache_len={self.max_cache_len}")
+            raise ValueError(f"{count} new tokens exceed this cache's max_cache_len={self.max_cache_len}; build the "
+                             f"cache with max_cache_len >= {count}")
         if not self.is_initialized:
             return
         if self.length.is_cuda or torch.compiler.is_compiling():
             # Reading the count would synchronise (or break the graph): the device checks it before the write.
             torch._assert_async(self.length + count <= self.max_cache_len,
-                                f"hf_kvquant: more tokens than this cache's max_cache_len={self.max_cache_len}")
+                                f"hf_kvquant: more tokens than this cache's max_cache_len={self.max_cache_len}; "
+                                "build the cache with a larger max_cache_len, or reset() it before a new prompt")
         elif int(self.length) + count > self.max_cache_len:
-            needed = int(self.length) + count
-            raise ValueError(f"{needed} tokens exceed this cache's max_cache_len={self.max_cache_len}")
+            held = int(self.length)
+            raise ValueError(
+                f"{held + count} tokens exceed this cache's max_cache_len={self.max_cache_len} ({held} held + {count} "
+                f"new); build the cache with max_cache_len >= {held + count}, or reset() it before a new prompt"
+            )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -442,7 +487,7 @@ class QuantizedPerTokenHeadStaticLayer(QuantizedPerTokenHeadLayer):
             QuantizedPerTokenHeadLayer.reset(self)  # all or nothing: no buffers without a length
             raise
         if self.hadamard:
-            self._rotation = hadamard_matrix(key_states.shape[-1], self.device)
+            self._rotation = layer_rotation(key_states.shape[-1], value_states.shape[-1], self.device)
         if not torch.compiler.is_compiling():
             # Fixed addresses: CUDA graphs replay over these very tensors.
             for t in (*self.buffers, self.length):
@@ -546,30 +591,20 @@ class QuantizedPerTokenHeadCache(Cache):
             raise ValueError(f"max_cache_len must be a positive int or None; got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
         self.config = None if config is None else config.get_text_config(decoder=True)
-        if max_cache_len is None:
-            full_layer = functools.partial(QuantizedPerTokenHeadLayer, self.mode, hadamard=self.hadamard)
-            sliding_layer = functools.partial(
-                QuantizedPerTokenHeadSlidingWindowLayer, self.mode, hadamard=self.hadamard)
-        else:
-            full_layer = sliding_layer = functools.partial(
-                QuantizedPerTokenHeadStaticLayer, self.mode, max_cache_len, hadamard=self.hadamard)
-        if self.config is None:
-            super().__init__(layer_class_to_replicate=full_layer)
+        if self.config is None:  # full-attention layers, added as `update` reaches them
+            super().__init__(layer_class_to_replicate=functools.partial(
+                _cache_layer, "full_attention", {}, self.mode, self.hadamard, max_cache_len))
             return
+        # One layer per entry of the config's layer types, as `DynamicCache(config=...)` / `StaticCache` build them:
+        # attention layers quantized, the conv / recurrent states of hybrid models in transformers' own classes.
         layer_types, per_layer_kwargs = get_layer_types_and_kwargs(self.config)
-        layers = []
-        for layer_type, kwargs in zip(layer_types, per_layer_kwargs):
-            if layer_type == "full_attention":
-                layers.append(full_layer())
-            elif layer_type == "sliding_attention":
-                layers.append(sliding_layer(sliding_window=kwargs["sliding_window"]))
-            elif layer_type == "dummy":  # layers that reuse another layer's KV, or have no attention
-                layers.append(DummyLayer())
-            else:
-                raise ValueError(
-                    f"layer type {layer_type!r} is not supported by QuantizedPerTokenHeadCache; "
-                    "accepted: 'full_attention', 'sliding_attention'"
-                )
+        layers = [_cache_layer(layer_type, kwargs, self.mode, self.hadamard, max_cache_len)
+                  for layer_type, kwargs in zip(layer_types, per_layer_kwargs)]
+        if not any(isinstance(layer, QuantizedPerTokenHeadLayer) for layer in layers):
+            raise ValueError(
+                f"this model has no attention layer whose keys and values could be quantized (layer types: "
+                f"{sorted(set(layer_types))}); its state is not a KV cache: use transformers' DynamicCache"
+            )
         super().__init__(layers=layers)
 
     def __repr__(self) -> str:
@@ -588,9 +623,46 @@ class QuantizedPerTokenHeadCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """`Cache.crop`, all layers or none: every layer is checked before any is cropped."""
         for layer in self.layers:
-            if isinstance(layer, QuantizedPerTokenHeadLayer):
+            if isinstance(layer, QuantizedPerTokenHeadLayer):  # hybrid layers check their states too
                 layer.check_crop(tokens_to_remove)
+            elif isinstance(layer, LinearAttentionCacheLayerMixin):
+                check_states_crop(layer, tokens_to_remove)
         super().crop(tokens_to_remove)
+
+    # -- the convolution / recurrent states of hybrid models' other layers (transformers' `LinearAttentionLayer`) -----
+
+    def _states_layer(self, layer_idx: int | None) -> None:
+        """Refuse, clearly, a state call for a layer that keeps none here (a cache built without the config)."""
+        if layer_idx is None:
+            found = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in self.layers)
+        else:
+            found = layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], LinearAttentionCacheLayerMixin)
+        if not found:
+            which = "a layer" if layer_idx is None else f"layer {layer_idx}"
+            raise ValueError(
+                f"{which} of this model keeps a convolution or recurrent state (linear attention, Mamba), which this "
+                "cache has no layer for: build it with config=model.config"
+            )
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        self._states_layer(layer_idx)
+        return super().has_previous_state(layer_idx, state_idx)
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        self._states_layer(layer_idx)
+        return super().get_conv_state(layer_idx, state_idx)
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs):
+        self._states_layer(layer_idx)
+        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        self._states_layer(layer_idx)
+        return super().get_recurrent_state(layer_idx, state_idx)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs):
+        self._states_layer(layer_idx)
+        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
 
     @property
     def hands_over_quantized(self) -> bool:
@@ -612,6 +684,31 @@ class QuantizedPerTokenHeadCache(Cache):
     def nbytes(self) -> int:
         """Bytes the cache holds on its devices: allocated capacity of all layers, scales included."""
         return sum(getattr(layer, "nbytes", 0) for layer in self.layers)
+
+    def check_generation_length(self, max_length: int, max_new_tokens: int | None = None) -> None:
+        """Refuse, before anything is written, a generation this preallocated cache cannot hold.
+
+        ``max_length`` is `generate`'s: the prompt (tokens already cached included) plus the new tokens. All but the
+        last new token are written to the cache (the last is never fed back), so it needs ``max_length - 1`` slots,
+        as transformers sizes its own `StaticCache`. ``max_new_tokens``, where known, splits the numbers in the
+        message. Raises a `ValueError` giving the numbers and the smallest ``max_cache_len`` that fits; a growable
+        cache (no ``max_cache_len``) always fits. Importing hf_kvquant has `generate` call this before its first step
+        (`hf_kvquant.integration`), so no token is generated and nothing is stored.
+        """
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int (prompt + new tokens); got {max_length!r}")
+        needed = max_length - 1
+        if self.max_cache_len is None or needed <= self.max_cache_len:
+            return
+        if max_new_tokens is None:
+            asked = f"max_length {max_length} - 1"
+        else:
+            asked = f"prompt {max_length - max_new_tokens} + max_new_tokens {max_new_tokens} - 1"
+        raise ValueError(
+            f"this cache holds max_cache_len={self.max_cache_len} tokens, but generate would write {needed} to it "
+            f"({asked}: the last new token is never stored); build it with max_cache_len >= {needed}, or ask for "
+            "fewer new tokens"
+        )
 
     def save(self, path) -> None:
         """Write the cache to ``path``: a safetensors file of the live tokens' codes and scales, the counters and what
@@ -642,3 +739,181 @@ def kv_cache_nbytes(cache: Cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.nbytes
     return total
+
+
+# -- hybrid models: layers that are not (only) attention ---------------------------------------------------------------
+
+# Layer types whose cache is not keys and values: transformers' own `LinearAttentionLayer` keeps their convolution and
+# recurrent (linear attention, Mamba) states, exactly as in `DynamicCache(config=...)` and `StaticCache`.
+STATE_LAYER_TYPES = ("linear_attention", "conv")
+# Layer types hf_kvquant cannot serve, with the reason its refusal gives.
+UNSUPPORTED_LAYER_TYPES = {
+    "indexed_attention": (
+        "indexed attention (DeepSeek sparse attention, e.g. deepseek_v32, glm_moe_dsa: an indexer with its own cache of "
+        "indexer keys picks the tokens each query attends to) is not supported"
+    ),
+    "compressed_sparse_attention": (
+        "compressed attention (DeepSeek-V4: keys and values compressed over blocks of tokens, with their own cache "
+        "layout) is not supported"
+    ),
+    "heavily_compressed_attention": (
+        "compressed attention (DeepSeek-V4: keys and values compressed over blocks of tokens, with their own cache "
+        "layout) is not supported"
+    ),
+}
+
+
+def _cache_layer(layer_type: str, kwargs: dict, mode: KVQuantMode, hadamard: bool, max_cache_len: int | None):
+    """The cache layer for one entry of `get_layer_types_and_kwargs`, as transformers' `DYNAMIC_LAYER_TYPE_MAPPING` /
+    `STATIC_LAYER_TYPE_MAPPING` pick theirs. Chunked attention (Llama 4) is cached as a sliding window of the chunk
+    size, as transformers does: a token sees at most the ``chunk - 1`` tokens before it, and the mask (hf_kvquant's
+    mask function gives the chunked one) hides those of earlier chunks."""
+    window = kwargs.get("sliding_window")
+    if layer_type in ("full_attention", "sliding_attention", "chunked_attention"):
+        window = None if layer_type == "full_attention" else window
+        if max_cache_len is not None:
+            return QuantizedPerTokenHeadStaticLayer(mode, max_cache_len, hadamard=hadamard, sliding_window=window)
+        if window is None:
+            return QuantizedPerTokenHeadLayer(mode, hadamard=hadamard)
+        return QuantizedPerTokenHeadSlidingWindowLayer(mode, window, hadamard=hadamard)
+    if layer_type in ("hybrid", "hybrid_sliding"):  # a linear-attention state and attention in one layer
+        window = window if layer_type == "hybrid_sliding" else None
+        states = kwargs.get("number_of_states", 1)
+        if max_cache_len is not None:
+            return QuantizedStaticHybridLayer(mode, max_cache_len, hadamard=hadamard, sliding_window=window,
+                                              number_of_states=states)
+        if window is None:
+            return QuantizedHybridLayer(mode, hadamard=hadamard, number_of_states=states)
+        return QuantizedSlidingWindowHybridLayer(mode, window, hadamard=hadamard, number_of_states=states)
+    if layer_type in STATE_LAYER_TYPES:
+        return LinearAttentionLayer(**kwargs)
+    if layer_type == "dummy":  # layers that reuse another layer's KV, or have no attention
+        return DummyLayer()
+    reason = UNSUPPORTED_LAYER_TYPES.get(layer_type, "is not supported")
+    raise ValueError(
+        f"layer type {layer_type!r}: {reason} by QuantizedPerTokenHeadCache; accepted: 'full_attention', "
+        f"'sliding_attention', 'chunked_attention', 'hybrid', 'hybrid_sliding', {', '.join(map(repr, STATE_LAYER_TYPES))}"
+        " (kept in transformers' LinearAttentionLayer) and 'dummy'. Use transformers' DynamicCache for this model"
+    )
+
+
+def check_states_crop(layer: LinearAttentionCacheLayerMixin, tokens_to_remove: int) -> None:
+    """Raise, changing nothing, where `crop` cannot put ``layer``'s convolution/recurrent states back as they were: a
+    recurrent state holds no past to roll back to, and a convolution state keeps one only while recording the past.
+    (transformers' `LinearAttentionLayer.crop` leaves a recurrent state as it is: silently wrong for a rollback.)"""
+    if tokens_to_remove > 0:
+        raise ValueError(
+            f"crop({tokens_to_remove}): pass a negative number of tokens to remove (transformers' convention)"
+        )
+    if any(layer.is_recurrent_states_initialized.values()):
+        raise RuntimeError("cannot crop a layer with a recurrent state (linear attention / Mamba): it keeps no past "
+                           "to roll back to")
+    if not layer.record_past and any(layer.is_conv_states_initialized.values()):
+        raise RuntimeError("cannot crop a layer's convolution state without its past: call activate_past_recording() "
+                           "before generating what you may roll back")
+
+
+class _StatesAndQuantizedAttention(LinearAttentionLayer):
+    """A hybrid layer (Falcon-H1, Zamba, ...: a linear-attention or Mamba block beside attention in the same layer):
+    transformers' `LinearAttentionLayer` keeps the convolution/recurrent states, the quantized attention layer class
+    that follows this one among the bases (``_attention``) keeps the keys and values, as transformers'
+    `LinearAttentionAndFullAttentionLayer` combines its own two. `nbytes` counts the keys and values only (what
+    `kv_cache_nbytes` counts for any cache); the states are the same size in every cache."""
+
+    _attention: type[QuantizedPerTokenHeadLayer]
+
+    def _init_states(self, number_of_states: int) -> None:
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self._describe()}, states={self.number_of_states}, "
+                f"tokens={self.get_seq_length()})")
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        if args:  # from `update`: the keys and values
+            self._attention.lazy_initialization(self, *args, **kwargs)
+        else:  # from `update_conv_state` / `update_recurrent_state`
+            LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    def get_max_length(self) -> int:
+        return self._attention.get_max_length(self)
+
+    def activate_past_recording(self) -> None:
+        LinearAttentionLayer.activate_past_recording(self)
+        if hasattr(self._attention, "activate_past_recording"):
+            self._attention.activate_past_recording(self)
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        self._attention.check_crop(self, tokens_to_remove)
+        check_states_crop(self, tokens_to_remove)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.check_crop(tokens_to_remove)
+        if any(self.is_conv_states_initialized.values()):
+            LinearAttentionLayer.crop(self, tokens_to_remove)
+        self._attention.crop(self, tokens_to_remove)
+
+    def reset(self) -> None:
+        LinearAttentionLayer.reset(self)
+        self._attention.reset(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+        self._attention.reorder_cache(self, beam_idx)
+
+    def _states_map(self, fn) -> None:
+        for states, initialized in ((self.conv_states, self.is_conv_states_initialized),
+                                    (self.recurrent_states, self.is_recurrent_states_initialized)):
+            for i in states:
+                if initialized[i]:
+                    states[i] = fn(states[i])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._attention.batch_repeat_interleave(self, repeats)
+        self._states_map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._attention.batch_select_indices(self, indices)
+        self._states_map(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def offload(self):
+        raise NotImplementedError("QuantizedPerTokenHeadCache does not offload layers to the CPU")
+
+    def prefetch(self):
+        raise NotImplementedError("QuantizedPerTokenHeadCache does not offload layers to the CPU")
+
+
+class QuantizedHybridLayer(_StatesAndQuantizedAttention, QuantizedPerTokenHeadLayer):
+    """Layer type ``"hybrid"``: linear-attention states (transformers' classes) and full attention, quantized."""
+
+    _attention = QuantizedPerTokenHeadLayer
+    is_compileable = False  # the attention part grows
+
+    def __init__(self, mode: KVQuantMode | str, hadamard: bool = False, number_of_states: int = 1):
+        QuantizedPerTokenHeadLayer.__init__(self, mode, hadamard=hadamard)
+        self._init_states(number_of_states)
+
+
+class QuantizedSlidingWindowHybridLayer(_StatesAndQuantizedAttention, QuantizedPerTokenHeadSlidingWindowLayer):
+    """Layer type ``"hybrid_sliding"``: linear-attention states and sliding-window attention, quantized."""
+
+    _attention = QuantizedPerTokenHeadSlidingWindowLayer
+    is_compileable = False
+
+    def __init__(self, mode: KVQuantMode | str, sliding_window: int, hadamard: bool = False,
+                 number_of_states: int = 1):
+        QuantizedPerTokenHeadSlidingWindowLayer.__init__(self, mode, sliding_window, hadamard=hadamard)
+        self._init_states(number_of_states)
+
+
+class QuantizedStaticHybridLayer(_StatesAndQuantizedAttention, QuantizedPerTokenHeadStaticLayer):
+    """Layer types ``"hybrid"`` / ``"hybrid_sliding"`` with ``max_cache_len``: linear-attention states and a
+    preallocated quantized attention layer. Compileable unless recording the past (the states then grow)."""
+
+    _attention = QuantizedPerTokenHeadStaticLayer
+
+    def __init__(self, mode: KVQuantMode | str, max_cache_len: int, hadamard: bool = False,
+                 sliding_window: int | None = None, number_of_states: int = 1):
+        QuantizedPerTokenHeadStaticLayer.__init__(self, mode, max_cache_len, hadamard=hadamard,
+                                                  sliding_window=sliding_window)
+        self._init_states(number_of_states)

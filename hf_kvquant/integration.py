@@ -1,5 +1,6 @@
 """hf_kvquant's attention, registered with transformers under `ATTENTION_NAME`: the one place that talks to its
-registries.
+registries (and the one hook into `generate`: a preallocated cache too small for the call is refused before the first
+step).
 
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=hf_kvquant.ATTENTION_NAME)
     cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head")
@@ -20,19 +21,31 @@ exact since ``R`` is orthogonal (`hf_kvquant.rotation`). The plain-PyTorch paths
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 
 import torch
 from transformers import AttentionInterface
+from transformers.generation.utils import GenerationMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops
+from .cache import QuantizedPerTokenHeadCache
 from .ops.reference import attention_reference
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import rotate, unrotate
 
 _warned: set[str] = set()
+# Model types whose KV-shared layers slice the mask of a prefill as 4D (`Gemma4TextModel._maybe_slice_kv_shared_inputs`).
+GEMMA4_KV_SHARING_MODELS = ("gemma4_text", "gemma4", "gemma4_unified_text", "gemma4_unified")
+# Arguments through which models change attention in ways hf_kvquant's attention does not compute; a call that passes
+# one (not None) is refused rather than answered without it.
+UNSUPPORTED_ARGUMENTS = {
+    "position_bias": "an additive position bias on the attention scores (relative positions, e.g. Inkling)",
+    "block_indices": "block-sparse attention (the blocks each query reads, e.g. MiniMax-M3)",
+}
 # The names under which transformers' models pass attention-sink logits to an attention function.
 _SINK_ARGUMENTS = ("s_aux", "sinks")
 
@@ -60,13 +73,78 @@ def _warn_once(reason: str) -> None:
         warnings.warn(f"hf_kvquant attention: {reason}", stacklevel=3)
 
 
+# The parts of transformers' mask functions that hf_kvquant's attention computes itself: causality (in-kernel), a
+# sliding window (from the layer's ``sliding_window`` argument) and padding (the 2D mask it is given).
+_KERNEL_MASK_PARTS = ("causal_mask_function", "sliding_window_overlay.<locals>.inner_mask",
+                      "padding_mask_function.<locals>.inner_mask")
+
+
+def _computed_in_kernel(mask_function) -> bool:
+    """Whether ``mask_function`` (a `transformers.masking_utils` mask function) is an intersection of the parts the
+    kernel computes. Anything else (chunks, bidirectional blocks, packed sequences, a model's own overlay) is not."""
+    if getattr(mask_function, "__module__", None) != "transformers.masking_utils":
+        return False
+    name = mask_function.__qualname__
+    if name == "and_masks.<locals>.and_mask":
+        cells = dict(zip(mask_function.__code__.co_freevars, mask_function.__closure__ or ()))
+        return all(_computed_in_kernel(part) for part in cells["mask_functions"].cell_contents)
+    return name in _KERNEL_MASK_PARTS
+
+
+def _traced_pattern_in_kernel(config, mask_kwargs: dict) -> bool:
+    """`_computed_in_kernel` for a compiled step (dynamo cannot read a closure): from the signs transformers' mask
+    builders leave in the call, a chunk (``local_size`` is the config's chunk), bidirectional attention, or a model's
+    own overlay (``use_vmap``)."""
+    chunk = getattr(config, "attention_chunk_size", None)
+    return not (mask_kwargs.get("use_vmap") or "allow_is_bidirectional_skip" in mask_kwargs
+                or (chunk is not None and mask_kwargs.get("local_size") == chunk))
+
+
+def _four_d_mask_reason(q_length: int, mask_kwargs: dict) -> str | None:
+    """Why this mask must be transformers' 4D one (``[batch, 1, q_len, kv_len]``, or None where SDPA would skip it)
+    rather than the 2D padding mask, or None. hf_kvquant's attention then honours it exactly, through SDPA over
+    dequantized keys and values."""
+    config, mask_function = mask_kwargs.get("config"), mask_kwargs.get("mask_function")
+    if torch.compiler.is_compiling():
+        in_kernel = _traced_pattern_in_kernel(config, mask_kwargs)
+    else:
+        in_kernel = mask_function is None or _computed_in_kernel(mask_function)
+    if not in_kernel:
+        return ("a mask pattern the kernel does not compute (chunked attention: a token sees the earlier tokens of its "
+                "own chunk only; bidirectional or blockwise parts)")
+    model_type = getattr(config, "model_type", None)
+    if model_type == "doge":
+        return "Doge builds its dynamic mask from the 4D mask"
+    # Gemma 4's KV-shared layers keep the mask rows of the last tokens of a prefill (mask[:, :, -n:, :]).
+    if model_type in GEMMA4_KV_SHARING_MODELS and getattr(config, "num_kv_shared_layers", 0) and q_length > 1:
+        return "Gemma 4's KV-shared layers slice the 4D mask of a prefill"
+    return None
+
+
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
     """The mask hf_kvquant's attention gets: the 2D padding mask over the ``kv_length`` visible tokens, or None.
 
     The visible tokens are the last ``kv_length`` of the sequence (a sliding-window layer sees a suffix), so the
     slice is taken from the right, as for flash attention. A preallocated layer shows its whole capacity: the mask is
-    padded on the right to it (slots not yet written, which causality hides anyway), so its shape never changes."""
-    if attention_mask is None or attention_mask.dim() != 2:
+    padded on the right to it (slots not yet written, which causality hides anyway), so its shape never changes.
+
+    Where the 2D mask cannot say it (a pattern other than causal, sliding window and padding: chunked attention as in
+    Llama 4, bidirectional or blockwise parts), or the model reads the mask as 4D (Doge, Gemma 4's KV-shared layers),
+    it is transformers' SDPA mask instead, and the attention takes its 4D-mask path."""
+    reason = _four_d_mask_reason(q_length, kwargs)
+    if reason is not None:
+        if not torch.compiler.is_compiling():
+            _warn_once(f"{reason}: transformers' 4D mask, attention through SDPA over dequantized keys and values")
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                         **kwargs)
+    if attention_mask is None:
+        if isinstance(q_offset, torch.Tensor):
+            # A preallocated layer (whose token count lives on the device) shows slots not written yet: mark the
+            # written ones, without reading the count on the host.
+            slots = torch.arange(kv_offset, kv_offset + kv_length, device=q_offset.device)
+            return (slots < q_offset + q_length)[None].expand(batch_size, -1)
+        return None
+    if attention_mask.dim() != 2:
         return attention_mask
     if attention_mask.shape[-1] < kv_length:
         return torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
@@ -108,15 +186,27 @@ def hf_kvquant_attention(
     heads, head_dim], None)`` out. ``key``/``value`` are `QuantizedKV` from `QuantizedPerTokenHeadCache`."""
     if dropout > 0.0:
         raise NotImplementedError(f"hf_kvquant attention is for inference: dropout={dropout} is not supported")
+    for name, what in UNSUPPORTED_ARGUMENTS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"hf_kvquant attention does not compute {what}: the model passed {name!r}. Load it with "
+                "attn_implementation='eager' or 'sdpa': the quantized cache works with those"
+            )
     sinks = _per_head_sinks(query, kwargs)
-    if attention_mask is not None and attention_mask.dim() == 4:
-        # A ready-made 4D mask (custom masks): honour it exactly, through SDPA over dequantized tensors.
-        _warn_once("a 4D attention mask was given; using SDPA over dequantized keys and values")
+    is_causal = kwargs.pop("is_causal", None)
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if not is_causal and attention_mask is not None and attention_mask.dim() == 2:
+        attention_mask = attention_mask[:, None, None, :]  # bidirectional: the padding mask is every query's row
+    if not is_causal or (attention_mask is not None and attention_mask.dim() == 4):
+        # A ready-made 4D mask (chunked attention, custom masks), or bidirectional attention (the kernel is causal):
+        # honour it exactly, through SDPA over dequantized tensors.
+        _warn_once("a 4D attention mask, or bidirectional attention: using SDPA over dequantized keys and values")
+        for feature, given in (("attention sinks", sinks is not None), ("soft-capping", softcap is not None)):
+            if given:
+                raise NotImplementedError(f"hf_kvquant attention: {feature} with a 4D mask or bidirectional attention "
+                                          "are not supported; load the model with attn_implementation='eager'")
         key, value = (t.dequantize() if isinstance(t, QuantizedKV) else t for t in (key, value))
-        if sinks is not None:
-            raise NotImplementedError("hf_kvquant attention: attention sinks with a ready-made 4D mask are not "
-                                      "supported; load the model with attn_implementation='eager'")
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal,
                                       sliding_window=sliding_window, **kwargs)
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap, sinks=sinks)
     if isinstance(key, QuantizedKV) and isinstance(value, QuantizedKV):
@@ -128,10 +218,58 @@ def hf_kvquant_attention(
         "keys and values are not QuantizedKV (the cache is not a QuantizedPerTokenHeadCache built with "
         "config=model.config, or there is no cache): using plain-PyTorch attention"
     )
+    if attention_mask is not None and attention_mask.dim() == 2:
+        key, value, attention_mask = _written_slots_last(key, value, attention_mask)
     return attention_reference(query, key, value, attention_mask, **options), None
 
 
+def _written_slots_last(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor):
+    """A preallocated cache that is not ours (transformers' `StaticCache`) hands over every slot, the unwritten ones
+    masked (`padding_mask`); the reference places the queries at the last keys. Rotate the slots so that the last
+    written one (the last column any row sees) comes last, on the device (no host read: compileable). The order of the
+    written slots, hence causality and sliding windows, is kept; a cache without unwritten slots is unchanged.
+    ``key``/``value`` ``[batch, kv_heads, slots, head_dim]``, ``mask`` ``[batch, slots]``."""
+    slots = key.shape[2]
+    ramp = torch.arange(slots, device=mask.device)
+    written = torch.where(mask.bool().any(0), ramp + 1, 0).max()
+    index = (ramp + written) % slots
+    return key.index_select(2, index), value.index_select(2, index), mask.index_select(1, index)
+
+
+def _checking_cache_length(prepare_cache):
+    """``GenerationMixin._prepare_cache_for_generation`` that first hands a `QuantizedPerTokenHeadCache` the length
+    `generate` will fill (`QuantizedPerTokenHeadCache.check_generation_length`).
+
+    `generate` calls it once, before its first step, with ``max_cache_length`` (prompt + new tokens - 1, from which it
+    sizes its own `StaticCache`); for a cache passed in by the user, transformers only checks conflicting arguments
+    there and never compares that length with the cache's. Other caches, and calls whose arguments do not bind (a
+    transformers that renamed them), pass through unchanged: the cache's `update` still refuses an overflow."""
+    signature = inspect.signature(prepare_cache)
+
+    @functools.wraps(prepare_cache)
+    def prepare_cache_checked(*args, **kwargs):
+        try:
+            arguments = signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            arguments = {}
+        model_kwargs, length = arguments.get("model_kwargs"), arguments.get("max_cache_length")
+        if isinstance(model_kwargs, dict) and isinstance(length, int):
+            cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+            cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: the decoder's
+            if isinstance(cache, QuantizedPerTokenHeadCache):
+                max_new_tokens = getattr(arguments.get("generation_config"), "max_new_tokens", None)
+                cache.check_generation_length(length + 1, max_new_tokens)
+        return prepare_cache(*args, **kwargs)
+
+    prepare_cache_checked.hf_kvquant_checks_cache_length = True
+    return prepare_cache_checked
+
+
 def register() -> None:
-    """Register the attention function and its mask function under `ATTENTION_NAME` (done on import)."""
+    """Register the attention function and its mask function under `ATTENTION_NAME`, and have `generate` refuse a
+    preallocated `QuantizedPerTokenHeadCache` too small for the call before its first step (done on import)."""
     AttentionInterface.register(ATTENTION_NAME, hf_kvquant_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
+    prepare_cache = GenerationMixin._prepare_cache_for_generation
+    if not getattr(prepare_cache, "hf_kvquant_checks_cache_length", False):
+        GenerationMixin._prepare_cache_for_generation = _checking_cache_length(prepare_cache)

@@ -10,8 +10,8 @@ import copy
 
 import pytest
 import torch
-from conftest import requires_cuda
-from transformers import DynamicCache, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from conftest import as_bytes, assert_same_state, gemma_config, llama_config, requires_cuda, state
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import hf_kvquant.cache as cache_mod
@@ -57,10 +57,6 @@ def readback(stored: torch.Tensor, mode: KVQuantMode, dtype: torch.dtype, hadama
     return unrotate(dequantize(q, s, torch.float32), hadamard_matrix(stored.shape[-1])).to(dtype)
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.element_size() == 1 else t
-
-
 class Tokens:
     """Deterministic random key/value tokens of mixed magnitudes."""
 
@@ -76,25 +72,6 @@ class Tokens:
         k = torch.randn(b, h, n, d, generator=self.g) * mags
         v = torch.randn(b, h, n, d, generator=self.g) * mags.flip(2) + 0.5
         return k.to(self.dtype), v.to(self.dtype)
-
-
-def llama_config(layers=2, head_dim=64, attn=None):
-    config = LlamaConfig(
-        num_hidden_layers=layers, hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=head_dim, intermediate_size=32, vocab_size=100,
-    )
-    if attn is not None:
-        config._attn_implementation = attn
-        assert config._attn_implementation == attn
-    return config
-
-
-def gemma_config(layer_types, sliding_window):
-    return Gemma3TextConfig(
-        num_hidden_layers=len(layer_types), layer_types=list(layer_types), sliding_window=sliding_window,
-        hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64, intermediate_size=32,
-        vocab_size=100,
-    )
 
 
 def as_tensors(kv):
@@ -142,38 +119,6 @@ class TwinLayer:
         getattr(self.ours, name)(*args)
         getattr(self.hf, name)(*args)
         assert self.ours.get_seq_length() == self.hf.get_seq_length()
-
-
-def snapshot(cache):
-    """Everything an update that fails must leave unchanged."""
-    layers = cache.layers if hasattr(cache, "layers") else [cache]
-    state = []
-    for layer in layers:
-        if not isinstance(layer, QuantizedPerTokenHeadLayer):
-            state.append(type(layer).__name__)
-            continue
-        state.append(
-            dict(
-                seq=int(layer.get_seq_length()), stored=layer.stored, capacity=layer.capacity,
-                initialized=layer.is_initialized, ptrs=[t.data_ptr() for t in layer.buffers],
-                bytes=[_bytes(t).clone() for t in layer.buffers],
-                dtype=getattr(layer, "dtype", None), device=getattr(layer, "device", None),
-            )
-        )
-    return state
-
-
-def assert_same_state(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        if isinstance(x, str):
-            assert x == y
-            continue
-        for key in ("seq", "stored", "capacity", "initialized", "ptrs", "dtype", "device"):
-            assert x[key] == y[key], key
-        assert len(x["bytes"]) == len(y["bytes"])
-        for t, u in zip(x["bytes"], y["bytes"]):
-            assert torch.equal(t, u)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +215,7 @@ def test_update_accepts_transposed_inputs(mode):
         b = transposed.update(kt, vt, 0)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     for t, u in zip(contiguous.layers[0].buffers, transposed.layers[0].buffers):
-        assert torch.equal(_bytes(t), _bytes(u))
+        assert torch.equal(as_bytes(t), as_bytes(u))
 
 
 def test_quantized_kv_shape_and_dequantize_window():
@@ -448,11 +393,11 @@ def test_max_cache_len_preallocates_and_never_grows(mode):
     assert cache.get_seq_length() == max_len
     assert torch.equal(ok, deq(torch.cat(written_k, -2), cache.mode))
     assert torch.equal(ov, deq(torch.cat(written_v, -2), cache.mode))
-    before = snapshot(cache)
+    before = state(cache)
     for n in (1, 3):
         with pytest.raises(ValueError, match="max_cache_len"):
             cache.update(*tokens(n), 0)
-        assert_same_state(before, snapshot(cache))
+        assert_same_state(before, state(cache))
     # still usable after a crop makes room
     cache.crop(-2)
     k, v = tokens(2)
@@ -504,16 +449,16 @@ def test_crop_zero_is_a_no_op_and_positive_raises(mode):
     tokens = Tokens(batch=1, heads=2, seed=12)
     k, v = tokens(6)
     cache.update(k, v, 0)
-    before = snapshot(cache)
+    before = state(cache)
     cache.crop(0)
-    assert_same_state(before, snapshot(cache))
+    assert_same_state(before, state(cache))
     for bad in (1, 4, 100):
         with pytest.raises(ValueError):
             cache.crop(bad)
-        assert_same_state(before, snapshot(cache))
+        assert_same_state(before, state(cache))
     with pytest.raises(ValueError):
         cache.crop(-7)  # more than it holds
-    assert_same_state(before, snapshot(cache))
+    assert_same_state(before, state(cache))
     k2, v2 = tokens(1)
     ok, _ = cache.update(k2, v2, 0)
     assert torch.equal(ok, deq(torch.cat([k, k2], -2), cache.mode))
@@ -587,13 +532,13 @@ def test_sliding_crop_without_recording_beyond_what_is_held_raises(mode):
     tokens = Tokens(batch=1, heads=1, seed=14)
     layer.update(*tokens(300))  # a long prefill: only the window - 1 last tokens are kept
     assert layer.stored == window - 1
-    before = snapshot(layer)
+    before = state(layer)
     for remove in (1, 2, 3):
         with pytest.raises(RuntimeError):
             layer.crop(-remove)
-        assert_same_state(before, snapshot(layer))
+        assert_same_state(before, state(layer))
     layer.crop(0)
-    assert_same_state(before, snapshot(layer))
+    assert_same_state(before, state(layer))
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
@@ -703,8 +648,8 @@ def test_deepcopy_is_independent_and_shares_config(mode, with_config, hadamard):
         assert a.rotation is b.rotation  # the shared matrix, not a copy per layer
         for t, u in zip(a.buffers, b.buffers):
             assert t.data_ptr() != u.data_ptr()
-            assert torch.equal(_bytes(t), _bytes(u))
-    before = snapshot(cache)
+            assert torch.equal(as_bytes(t), as_bytes(u))
+    before = state(cache)
     k, v = tokens(3)
     out = as_tensors(clone.update(k, v, 0))
     assert out[0].shape[-2] == 7
@@ -712,12 +657,12 @@ def test_deepcopy_is_independent_and_shares_config(mode, with_config, hadamard):
     assert torch.equal(out[0], expected)
     clone.crop(-3)
     assert clone.get_seq_length(0) == 4 and clone.get_seq_length(1) == 1
-    assert_same_state(before, snapshot(cache))
+    assert_same_state(before, state(cache))
     # and the other way round
-    clone_before = snapshot(clone)
+    clone_before = state(clone)
     k, v = tokens(1)
     cache.update(k, v, 1)
-    assert_same_state(clone_before, snapshot(clone))
+    assert_same_state(clone_before, state(clone))
     # a layer the clone creates lazily does not appear in the original
     if not with_config:
         clone.update(*tokens(2), 2)
@@ -744,10 +689,10 @@ def test_early_initialization(max_cache_len):
             if max_cache_len is not None:  # the whole capacity, of which the first tokens are live
                 ok = ok[:, :, : int(cache.get_seq_length(layer_idx))][:, :, -hk.shape[-2]:]
             assert torch.equal(ok, deq(hk, cache.mode))
-    before = snapshot(cache)
+    before = state(cache)
     with pytest.raises(ValueError):
         cache.update(*Tokens(batch=2, heads=1, dtype=torch.float32)(1), 0)  # not the dtype it was initialized with
-    assert_same_state(before, snapshot(cache))
+    assert_same_state(before, state(cache))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -778,7 +723,7 @@ def test_config_full_attention_only():
     assert cache.mode is KVQuantMode.INT8_PER_TOKEN_HEAD
 
 
-@pytest.mark.parametrize("layer_type", ["chunked_attention", "linear_attention", "mamba", "conv"])
+@pytest.mark.parametrize("layer_type", ["indexed_attention", "heavily_compressed_attention", "mamba", "mystery"])
 def test_unsupported_layer_type_raises_naming_it(layer_type):
     config = llama_config(layers=2)
     config.layer_types = ["full_attention", layer_type]
@@ -813,7 +758,7 @@ def _bad_inputs(batch, heads, head_dim):
          ValueError, ["float64"], True),
         ("mixed_dtypes", torch.ones(b, h, 1, d), torch.ones(b, h, 1, d, dtype=torch.bfloat16),
          ValueError, ["bfloat16"], True),
-        ("head_dim_72", torch.ones(b, h, 1, 72), torch.ones(b, h, 1, 72), ValueError, ["72", "64", "96", "128", "256"],
+        ("head_dim_0", torch.ones(b, h, 1, 0), torch.ones(b, h, 1, 0), ValueError, ["head_dim 0", "any positive"],
          True),
         ("shapes_differ", torch.ones(b, h, 2, d), torch.ones(b, h, 3, d), ValueError, [], True),
         ("value_heads_differ", torch.ones(b, h, 1, d), torch.ones(b, h + 1, 1, d), ValueError, [], True),
@@ -866,12 +811,12 @@ def test_bad_input_leaves_cache_unchanged(mode, name, layout, hadamard):
         k, v = tokens(n)
         written.append(store(k, hadamard))
         cache.update(k, v, 0)
-    before = snapshot(cache)
+    before = state(cache)
     with pytest.raises(exc) as excinfo:
         cache.update(bad_k, bad_v, 0)
     for fragment in fragments:
         assert fragment in str(excinfo.value)
-    assert_same_state(before, snapshot(cache))
+    assert_same_state(before, state(cache))
     # and the cache goes on as if nothing happened
     k, v = tokens(1)
     ok, ov = as_tensors(cache.update(k, v, 0))
@@ -883,20 +828,14 @@ def test_bad_input_leaves_cache_unchanged(mode, name, layout, hadamard):
 
 
 def test_unsupported_head_dim_message_lists_accepted():
+    # On the CPU any positive head_dim is accepted (tests at the end of this file); an empty one is not, for keys or
+    # values, and the message names which and what is accepted.
     layer = QuantizedPerTokenHeadLayer("int8_per_token_head")
-    for head_dim in (72, 32, 80, 512):
-        x = torch.ones(1, 1, 1, head_dim)
+    for key_dim, value_dim, which in ((0, 0, "key"), (64, 0, "value"), (0, 64, "key")):
         with pytest.raises(ValueError) as excinfo:
-            layer.update(x, x)
-        message = str(excinfo.value)
-        assert str(head_dim) in message
-        for accepted in cache_mod.SUPPORTED_HEAD_DIMS:
-            assert str(accepted) in message
-    for head_dim in cache_mod.SUPPORTED_HEAD_DIMS:
-        fresh = QuantizedPerTokenHeadLayer("fp8_per_token_head")
-        x = torch.randn(1, 1, 2, head_dim)
-        k, _ = as_tensors(fresh.update(x, x))
-        assert torch.equal(k, deq(x, fresh.mode))
+            layer.update(torch.ones(1, 1, 1, key_dim), torch.ones(1, 1, 1, value_dim))
+        assert f"{which} head_dim 0" in str(excinfo.value) and "any positive head_dim" in str(excinfo.value)
+        assert not layer.is_initialized
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -994,3 +933,172 @@ def test_cache_on_cuda_matches_cpu_reference_in_generate(mode):
             g = getattr(gpu_layer, data)[:, :, :53].float().cpu() * getattr(gpu_layer, scale)[:, :, :53, None].cpu()
             tolerance = 0.02 if mode is KVQuantMode.INT8_PER_TOKEN_HEAD else 0.1
             assert (c - g).abs().max() <= tolerance * c.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a preallocated cache too small: the numbers and the fix
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_check_generation_length_gives_the_numbers_and_the_fix():
+    """A generation of max_length tokens writes max_length - 1 (the last new token is never stored); the refusal says
+    how many, from what, and the max_cache_len that fits. A growable cache is never refused; nothing changes."""
+    import re
+
+    cache = QuantizedPerTokenHeadCache(config=llama_config(), max_cache_len=8)
+    before = state(cache)
+    cache.check_generation_length(9, max_new_tokens=4)  # 8 slots: fits exactly
+    with pytest.raises(ValueError, match=re.escape(
+            "this cache holds max_cache_len=8 tokens, but generate would write 9 to it (prompt 6 + max_new_tokens 4 - "
+            "1: the last new token is never stored); build it with max_cache_len >= 9, or ask for fewer new tokens")):
+        cache.check_generation_length(10, max_new_tokens=4)
+    with pytest.raises(ValueError, match=re.escape("write 9 to it (max_length 10 - 1: ")):
+        cache.check_generation_length(10)
+    for bad in (0, -3, 2.5, True, "9"):
+        with pytest.raises(ValueError, match=f"max_length must be a positive int .*; got {re.escape(repr(bad))}"):
+            cache.check_generation_length(bad)
+    assert_same_state(before, state(cache))
+    QuantizedPerTokenHeadCache(config=llama_config()).check_generation_length(10**6)
+
+
+def test_overflowing_update_gives_the_fix_and_changes_nothing():
+    """Past `generate` (direct forward calls, a cache reused without reset): the update that overflows is refused with
+    the length that would fit, before anything is written."""
+    import re
+
+    cache = QuantizedPerTokenHeadCache(max_cache_len=12)
+    k = torch.randn(1, 1, 13, 64)
+    with pytest.raises(ValueError, match=re.escape(
+            "13 new tokens exceed this cache's max_cache_len=12; build the cache with max_cache_len >= 13")):
+        cache.update(k, k, 0)
+    assert cache.get_seq_length() == 0 and cache.nbytes == 0
+    cache.update(k[:, :, :10], k[:, :, :10], 0)
+    before = state(cache)
+    with pytest.raises(ValueError, match=re.escape(
+            "13 tokens exceed this cache's max_cache_len=12 (10 held + 3 new); build the cache with max_cache_len >= "
+            "13, or reset() it before a new prompt")):
+        cache.update(k[:, :, 10:], k[:, :, 10:], 0)
+    assert_same_state(before, state(cache))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# any head size, and keys and values of different head sizes (MLA)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim", [1, 8, 32, 72, 80, 112, 160, 192, 512, 576])
+@hadamard_options
+def test_any_head_dim_on_the_cpu(head_dim, hadamard):
+    """phi-2's 80, the issue's 32-512, and sizes no kernel tile fits (1, 72, 576): on the CPU the cache takes any
+    head_dim, exactly as it takes the tuned ones."""
+    for window in (None, 5):
+        twin = TwinLayer("int8_per_token_head", sliding_window=window, hadamard=hadamard)
+        tokens = Tokens(batch=2, heads=2, head_dim=head_dim, seed=head_dim)
+        for n in (6, 1, 3):
+            twin.update(*tokens(n))
+        assert twin.ours.key_data.shape[-1] == twin.ours.value_data.shape[-1] == head_dim
+
+
+def _mla_tokens(batch, heads, n, key_head_dim, value_head_dim, seed):
+    k, _ = Tokens(batch=batch, heads=heads, head_dim=key_head_dim, seed=seed)(n)
+    _, v = Tokens(batch=batch, heads=heads, head_dim=value_head_dim, seed=seed + 1)(n)
+    return k, v
+
+
+# DeepSeek-V3 hands the cache one head of its 512-channel latent as keys and of its 64-channel rotary key part as
+# values; per-head MLA keys and values (qk_nope + qk_rope = 192, v_head_dim = 128); values wider than keys.
+MLA_SHAPES = [(1, 512, 64), (4, 192, 128), (2, 24, 80)]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("heads,key_head_dim,value_head_dim", MLA_SHAPES)
+@pytest.mark.parametrize("layout", ["full", "sliding", "max_cache_len"])
+@hadamard_options
+def test_keys_and_values_of_different_head_dims(mode, heads, key_head_dim, value_head_dim, layout, hadamard):
+    """Each quantized with its own per-token-head scale into its own buffer, handed back as transformers'
+    DynamicLayer would hand the same rounded values, through growth (90 tokens) and the batch operations."""
+    mode = KVQuantMode.parse(mode)
+    if layout == "full":
+        ours, hf = QuantizedPerTokenHeadLayer(mode, hadamard=hadamard), DynamicLayer()
+    elif layout == "sliding":
+        ours = QuantizedPerTokenHeadSlidingWindowLayer(mode, 7, hadamard=hadamard)
+        hf = DynamicSlidingWindowLayer(7)
+    else:
+        ours, hf = cache_mod.QuantizedPerTokenHeadStaticLayer(mode, 128, hadamard=hadamard), DynamicLayer()
+    for step, n in enumerate((40, 1, 49, 2)):
+        k, v = _mla_tokens(2, heads, n, key_head_dim, value_head_dim, seed=10 * step)
+        hk, hv = hf.update(store(k, hadamard), store(v, hadamard))
+        qk, qv = ours.update(k, v)
+        live = hk.shape[-2]
+        assert qk.shape[-1] == key_head_dim and qv.shape[-1] == value_head_dim
+        assert torch.equal(qk.dequantize()[:, :, :live], readback(hk, mode, k.dtype, hadamard))
+        assert torch.equal(qv.dequantize()[:, :, :live], readback(hv, mode, v.dtype, hadamard))
+        if step == 1:
+            beams = torch.tensor([1, 0])
+            ours.reorder_cache(beams)
+            hf.reorder_cache(beams)
+    codes = mode.storage_dtype.itemsize
+    assert ours.nbytes == 2 * heads * ours.capacity * ((key_head_dim + value_head_dim) * codes + 8)
+    ours.batch_repeat_interleave(2)
+    hf.batch_repeat_interleave(2)
+    ours.batch_select_indices(torch.tensor([3, 0]))
+    hf.batch_select_indices(torch.tensor([3, 0]))
+    k, v = _mla_tokens(2, heads, 1, key_head_dim, value_head_dim, seed=99)
+    hk, hv = hf.update(store(k, hadamard), store(v, hadamard))
+    qk, qv = ours.update(k, v)
+    assert torch.equal(qv.dequantize()[:, :, : hv.shape[-2]], readback(hv, mode, v.dtype, hadamard))
+    assert torch.equal(qk.dequantize()[:, :, : hk.shape[-2]], readback(hk, mode, k.dtype, hadamard))
+
+
+@pytest.mark.parametrize("layout", ["full", "max_cache_len"])
+def test_mla_layer_refuses_what_does_not_match_and_stays_unchanged(layout):
+    cache = QuantizedPerTokenHeadCache(mode="int8", max_cache_len=64 if layout == "max_cache_len" else None)
+    k, v = _mla_tokens(2, 1, 5, 192, 128, seed=3)
+    cache.update(k, v, 0)
+    before = state(cache)
+    bad = {
+        "swapped head dims": _mla_tokens(2, 1, 1, 128, 192, seed=4),
+        "other value head_dim": _mla_tokens(2, 1, 1, 192, 64, seed=5),
+        "other key head_dim": _mla_tokens(2, 1, 1, 160, 128, seed=6),
+    }
+    for name, (bad_k, bad_v) in bad.items():
+        with pytest.raises(ValueError) as excinfo:
+            cache.update(bad_k, bad_v, 0)
+        given = (2, 1, bad_k.shape[-1], bad_v.shape[-1])
+        assert f"(batch, kv_heads, key head_dim, value head_dim) = {given} do not match the cache's (2, 1, 192, 128)" \
+            in str(excinfo.value), name
+        assert_same_state(before, state(cache))
+    k2, v2 = _mla_tokens(2, 1, 2, 192, 128, seed=7)
+    for bad_k, bad_v in ((k2, v2[:, :, :1]), (k2, v2[:1]), (k2, v2.expand(2, 3, 2, 128))):  # tokens, batch, heads
+        with pytest.raises(ValueError, match="same batch, kv_heads and tokens .their head dims may differ."):
+            cache.update(bad_k, bad_v, 0)
+        assert_same_state(before, state(cache))
+    ok, ov = cache.update(k2, v2, 0)  # and it goes on
+    assert torch.equal(ov[:, :, 5:7], deq(v2, cache.mode)) and torch.equal(ok[:, :, 5:7], deq(k2, cache.mode))
+
+
+def test_mla_model_config_builds_a_cache():
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, kv_lora_rank=32,
+                              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=None)
+    cache = QuantizedPerTokenHeadCache(config=config, mode="fp8")
+    for index in range(3):
+        cache.update(*_mla_tokens(1, 1, 4, config.kv_lora_rank, config.qk_rope_head_dim, seed=index), index)
+    assert all(layer.head_dims == (32, 8) for layer in cache.layers)
+
+
+@requires_cuda
+def test_head_dim_wider_than_the_kernels_is_refused_on_cuda_only():
+    for key_dim, value_dim, refused in ((576, 64, "key head_dim 576"), (512, 640, "value head_dim 640")):
+        cache = QuantizedPerTokenHeadCache(mode="int8")
+        k, v = _mla_tokens(1, 1, 2, key_dim, value_dim, seed=8)
+        with pytest.raises(ValueError, match=f"unsupported {refused} on cuda.*accepted on a CUDA device: 1 to 512.*"
+                                             "on the CPU any head_dim"):
+            cache.update(k.cuda(), v.cuda(), 0)
+        assert cache.nbytes == 0
+        cache.update(k, v, 0)  # the CPU takes it
+    cache = QuantizedPerTokenHeadCache(mode="int8")
+    k, v = _mla_tokens(1, 1, 2, 8, 72, seed=9)  # any head_dim up to 512, padded in the kernels' tiles
+    ok, ov = cache.update(k.cuda(), v.cuda(), 0)
+    assert torch.equal(ov.cpu(), deq(v, cache.mode)) and torch.equal(ok.cpu(), deq(k, cache.mode))

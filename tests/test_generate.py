@@ -726,3 +726,99 @@ def test_gemma3_compiled_generate_equals_eager_past_the_window(gemma3, wikitext,
         model.set_attn_implementation("sdpa")
     assert torch.equal(compiled, eager)
     assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"], dict(counters)
+
+
+# -- a preallocated cache too small for the call -----------------------------------------------------------------
+
+
+def _tiny(arch: str):
+    """A random-weight model of 2 layers: Llama (full attention) or Gemma 3 (a sliding-window layer and a full one)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": 128, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**shape)).eval()
+    config = Gemma3TextConfig(**shape, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _forward_calls(model) -> list:
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("length", ["max_new_tokens", "max_length"])
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+def test_too_small_preallocated_cache_is_refused_before_the_first_step(arch, length, argument):
+    """generate writes prompt + new tokens - 1 positions (the last new token is never fed back): with one slot fewer
+    the call is refused before any forward pass, the cache untouched; with exactly that many it runs to the end."""
+    from conftest import assert_same_state, state
+
+    model = _tiny(arch)
+    ids = torch.randint(3, 128, (2, 5))
+    lengths = {"max_new_tokens": 4} if length == "max_new_tokens" else {"max_length": 9}
+    options = dict(do_sample=False, min_new_tokens=4, **lengths)
+    cache = _qcache(model, "int8", max_cache_len=7)
+    before = state(cache)
+    calls = _forward_calls(model)
+    asked = "prompt 5 + max_new_tokens 4 - 1" if length == "max_new_tokens" else "max_length 9 - 1"
+    message = (f"this cache holds max_cache_len=7 tokens, but generate would write 8 to it ({asked}: the last new "
+               "token is never stored); build it with max_cache_len >= 8, or ask for fewer new tokens")
+    with torch.no_grad(), pytest.raises(ValueError) as refused:
+        model.generate(ids, **{argument: cache}, **options)
+    assert str(refused.value) == message
+    assert calls == [] and cache.get_seq_length() == 0 and cache.nbytes == 0
+    assert_same_state(before, state(cache))
+
+    cache = _qcache(model, "int8", max_cache_len=8)
+    with torch.no_grad():
+        out = model.generate(ids, **{argument: cache}, **options)
+    assert out.shape == (2, 9) and len(calls) == 4  # the prefill and 3 decode steps
+    assert all(int(layer.length) == 8 for layer in cache.layers)
+
+
+def test_refused_continuation_leaves_the_filled_cache_as_it_was():
+    """A cache that already holds a generation: continuing past its capacity is refused before any step, and its
+    buffers and length stay bit for bit; the tokens that fit still continue it."""
+    from conftest import assert_same_state, state
+
+    model = _tiny("llama")
+    ids = torch.randint(3, 128, (1, 5))
+    cache = _qcache(model, "fp8", max_cache_len=10)
+    with torch.no_grad():
+        out = model.generate(ids, cache=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    before = state(cache)
+    calls = _forward_calls(model)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"generate would write 11 to it \(prompt 9 \+ "
+                                                          r"max_new_tokens 3 - 1.*max_cache_len >= 11"):
+        model.generate(out, cache=cache, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert calls == []
+    assert_same_state(before, state(cache))
+    with torch.no_grad():
+        more = model.generate(out, cache=cache, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert torch.equal(more[:, :9], out) and more.shape == (1, 11) and int(cache.get_seq_length()) == 10
+
+
+def test_growable_cache_and_other_caches_are_not_checked():
+    """Without max_cache_len nothing is refused (the buffers grow); transformers' own caches pass through as before,
+    and importing hf_kvquant again does not wrap generate's cache preparation twice."""
+    from transformers import StaticCache
+    from transformers.generation.utils import GenerationMixin
+
+    from hf_kvquant.integration import register
+
+    model = _tiny("llama")
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        out = model.generate(ids, cache=_qcache(model, "int8"), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        assert out.shape == (1, 45)
+        static = StaticCache(config=model.config, max_cache_len=48)
+        assert model.generate(ids, cache=static, max_new_tokens=4, do_sample=False).shape[1] <= 9
+    wrapped = GenerationMixin._prepare_cache_for_generation
+    register()
+    assert GenerationMixin._prepare_cache_for_generation is wrapped
+    assert not getattr(wrapped.__wrapped__, "hf_kvquant_checks_cache_length", False)

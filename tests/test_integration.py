@@ -329,3 +329,381 @@ def test_models_that_transform_the_cached_keys_and_values_get_tensors(arch, monk
         ours = _logits(model, ATTENTION_NAME, input_ids, attention_mask, "int8").log_softmax(-1)
     kl = (eager.exp() * (eager - ours)).sum(-1)
     assert kl.max().item() <= 1e-5, kl.max().item()
+
+
+# -- any head size and MLA, end to end --------------------------------------------------------------------------------
+
+
+class _FakeQuantCache(DynamicCache):
+    """The reference: a `DynamicCache` holding each update's keys and values rounded as `QuantizedPerTokenHeadCache`
+    rounds them (quantize -> dequantize per token-head; with ``hadamard``, rotated by the Hadamard matrix of each
+    tensor's own head_dim and back), in full precision."""
+
+    def __init__(self, config, mode, hadamard):
+        super().__init__(config=config)
+        self.mode, self.hadamard = KVQuantMode.parse(mode), hadamard
+
+    def _round(self, x):
+        from hf_kvquant.ops.reference import dequantize, quantize_reference
+        from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
+
+        if not self.hadamard:
+            return dequantize(*quantize_reference(x, self.mode), x.dtype)
+        r = hadamard_matrix(x.shape[-1], x.device)
+        return unrotate(dequantize(*quantize_reference(rotate(x, r), self.mode), torch.float32), r).to(x.dtype)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(self._round(key_states), self._round(value_states), layer_idx, *args, **kwargs)
+
+
+def _tiny_mla_or_phi(arch):
+    """DeepSeek-V3 (MLA: the cache gets one head of a 32-channel latent as keys and of the 8-channel rotary part as
+    values) or phi-2 shaped (head_dim 160 / 2 = 80, partial rotary), random, float32."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "deepseek_v3":
+        config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                                  kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                  n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                  first_k_dense_replace=1, n_group=1, topk_group=1)
+        return DeepseekV3ForCausalLM(config).eval()
+    config = PhiConfig(vocab_size=128, hidden_size=160, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return PhiForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "phi"])
+@pytest.mark.parametrize("attention", ["sdpa", ATTENTION_NAME])
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("hadamard", [False, True], ids=["plain", "hadamard"])
+def test_mla_and_head_dim_80_generate_as_the_fake_quant_reference(device, arch, attention, mode, hadamard):
+    """Greedy generation of a left-padded batch: our cache gives the tokens, and the logits, of a plain cache holding
+    the same rounded keys and values (on a GPU, phi-2 under hf_kvquant's attention runs the Triton kernel at head_dim
+    80; DeepSeek-V3 transforms its cached latents, so it attends to dequantized tensors).
+
+    On the CPU without the rotation the numbers are the same (bit for bit here). With it, the cache un-rotates a whole
+    window at once where the reference un-rotates each update: float32 products of d <= 80 terms, which differ by about
+    sqrt(d) * 2**-24 ~ 1e-6 of the keys and values; through two layers of about unit gain that stays under 1e-5 of the
+    logits. On the GPU the kernel sums in another order than SDPA (float32 both): the same size of difference, once per
+    layer and step; 1e-4 is allowed there. Quantizing at all moves the logits by 3e-3 to 0.7 (checked below: the
+    comparison can fail)."""
+    model = _tiny_mla_or_phi(arch).to(device)
+    model.set_attn_implementation(attention)
+    input_ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+
+    def run(cache):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the CPU and dequantized-hand-over fallbacks say what they do
+            out = model.generate(input_ids, attention_mask=attention_mask, cache=cache, max_new_tokens=8,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits)
+
+    ours = QuantizedPerTokenHeadCache(config=model.config, mode=mode, hadamard=hadamard)
+    tokens, logits = run(ours)
+    expected_tokens, expected = run(_FakeQuantCache(model.config, mode, hadamard))
+    if arch == "deepseek_v3":
+        assert ours.layers[0].head_dims == (32, 8)  # kv_lora_rank, qk_rope_head_dim
+    else:
+        assert ours.layers[0].head_dims == (80, 80)
+    allowed = (1e-5 if device == "cpu" else 1e-4) * max(1.0, expected.abs().max().item())
+    assert torch.equal(tokens, expected_tokens)
+    assert (logits - expected).abs().max().item() <= allowed
+    _, unquantized = run(DynamicCache(config=model.config))
+    assert (unquantized - expected).abs().max().item() > 10 * allowed
+
+
+# -- hybrid models, chunked attention, layer types and features hf_kvquant refuses ------------------------------------
+
+
+def _zoo():
+    """eval/zoo.py: the tiny-model builder and fake-quant references of the architecture zoo."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    import zoo
+
+    return zoo
+
+
+def _zoo_model(name: str):
+    """A tiny random model of ``name`` from eval/zoo.py's builder (float32, eval mode)."""
+    return _zoo().build_model(name)
+
+
+def _forced_steps(model, attention, cache, input_ids, attention_mask, next_tokens):
+    """Last-position logits ``[batch, 1 + steps, vocab]``: a prefill, then ``next_tokens [batch, steps]`` one per step
+    (the same tokens for every implementation compared)."""
+    model.set_attn_implementation(attention)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU fallbacks say what they do
+        logits = [model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]]
+        for token in next_tokens.T:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token[:, None])], dim=1)
+            logits.append(model(token[:, None], attention_mask=attention_mask, cache=cache).logits[:, -1])
+    return torch.stack(logits, dim=1).float()
+
+
+def _padded_batch(length=9, steps=6, vocab=128):
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, vocab, (2, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    return input_ids, attention_mask, torch.randint(3, vocab, (2, steps), generator=generator)
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("qwen3_next", ["LinearAttentionLayer", "QuantizedPerTokenHeadLayer"]),  # gated delta net + attention
+    ("lfm2", ["LinearAttentionLayer", "QuantizedPerTokenHeadLayer"]),  # short convolution + attention
+    ("falcon_h1", ["QuantizedHybridLayer"] * 2),  # Mamba and attention side by side in each layer
+    ("jamba", ["LinearAttentionLayer", "QuantizedPerTokenHeadLayer"]),
+])
+@pytest.mark.parametrize("max_cache_len", [None, 24], ids=["growable", "preallocated"])
+def test_hybrid_models_quantize_attention_and_keep_states_in_transformers_layers(arch, expected, max_cache_len):
+    """The attention layers of a hybrid model are quantized; its convolution / recurrent states live in transformers'
+    own `LinearAttentionLayer` (as in `DynamicCache(config=...)`), or beside the quantized keys and values in one layer.
+    Prefill and decode give the logits of a transformers cache (preallocated alike) holding the same rounded keys and
+    values (exact: the same values through the same attention code), and clearly not those of an unquantized one."""
+    from hf_kvquant.cache import QuantizedHybridLayer, QuantizedStaticHybridLayer
+
+    model = _zoo_model(arch)
+    input_ids, attention_mask, next_tokens = _padded_batch()
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8", max_cache_len=max_cache_len)
+    names = [type(layer).__name__ for layer in cache.layers]
+    if max_cache_len is not None:  # the preallocated classes
+        expected = [{"QuantizedPerTokenHeadLayer": "QuantizedPerTokenHeadStaticLayer",
+                     "QuantizedHybridLayer": "QuantizedStaticHybridLayer"}.get(name, name) for name in expected]
+    assert names == expected
+    assert all(isinstance(layer, (QuantizedHybridLayer, QuantizedStaticHybridLayer)) == ("Hybrid" in name)
+               for layer, name in zip(cache.layers, names))
+    zoo = _zoo()
+    if max_cache_len is None:
+        reference_cache = zoo.FakeQuantCache(model.config, KVQuantMode.INT8_PER_TOKEN_HEAD)
+    else:
+        reference_cache = zoo.FakeQuantStaticCache(model.config, KVQuantMode.INT8_PER_TOKEN_HEAD, max_cache_len)
+    ours = _forced_steps(model, "sdpa", cache, input_ids, attention_mask, next_tokens)
+    reference = _forced_steps(model, "sdpa", reference_cache, input_ids, attention_mask, next_tokens)
+    unquantized = _forced_steps(model, "sdpa", DynamicCache(config=model.config), input_ids, attention_mask,
+                                next_tokens)
+    allowed = 1e-5 * max(1.0, reference.abs().max().item())
+    assert (ours - reference).abs().max().item() <= allowed
+    assert (unquantized - reference).abs().max().item() > 10 * allowed
+    assert cache.get_seq_length() == input_ids.shape[1] + next_tokens.shape[1]
+
+
+def _hybrid_cache_after_a_prefill(arch: str):
+    model = _zoo_model(arch)
+    input_ids, attention_mask, _ = _padded_batch()
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8")
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask, cache=cache)
+    return model, cache
+
+
+def test_hybrid_layers_reorder_repeat_select_and_reset_keys_values_and_states_together():
+    """falcon_h1's layers hold a Mamba state (convolution + recurrent) and quantized keys and values: beam reordering,
+    batch repetition and selection move both alike, and `reset` empties both."""
+    _, cache = _hybrid_cache_after_a_prefill("falcon_h1")
+    layer = cache.layers[0]
+    key_rows = layer.key_data.clone()
+    conv, recurrent = layer.conv_states[0].clone(), layer.recurrent_states[0].clone()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.key_data.view(torch.uint8), key_rows.flip(0).view(torch.uint8))
+    assert torch.equal(layer.conv_states[0], conv.flip(0)) and torch.equal(layer.recurrent_states[0], recurrent.flip(0))
+    cache.batch_repeat_interleave(2)
+    assert layer.key_data.shape[0] == layer.conv_states[0].shape[0] == layer.recurrent_states[0].shape[0] == 4
+    cache.batch_select_indices(torch.tensor([0, 3]))
+    assert torch.equal(layer.conv_states[0], conv.flip(0)) and torch.equal(layer.recurrent_states[0], recurrent.flip(0))
+    assert torch.equal(layer.key_data[:, :, : layer.stored].view(torch.uint8),
+                       key_rows.flip(0)[:, :, : layer.stored].view(torch.uint8))
+    assert "states=1" in repr(layer)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and not layer.is_initialized
+    assert not layer.has_previous_state[0] and not layer.conv_states[0].any() and not layer.recurrent_states[0].any()
+
+
+@pytest.mark.parametrize("arch, message", [
+    ("falcon_h1", "recurrent state"),  # a recurrent state holds no past to roll back to
+    ("lfm2", "activate_past_recording"),  # a convolution state does, while recording it
+])
+def test_crop_refuses_what_a_state_cannot_roll_back_and_changes_nothing(arch, message):
+    """transformers' `LinearAttentionLayer.crop` leaves a recurrent state as it is: a rollback would silently keep the
+    removed tokens' effect. The cache refuses before cropping any layer."""
+    _, cache = _hybrid_cache_after_a_prefill(arch)
+    held = cache.get_seq_length()
+    with pytest.raises(RuntimeError, match=message):
+        cache.crop(-2)
+    assert cache.get_seq_length() == held
+    assert all(layer.get_seq_length() == held for layer in cache.layers if hasattr(layer, "stored"))
+
+
+def test_crop_of_a_recorded_convolution_state_rolls_back_like_transformers():
+    """lfm2 (convolution + attention) recording the past, as assisted decoding does: cropping two tokens gives the
+    logits of never having fed them."""
+    model = _zoo_model("lfm2")
+    input_ids, attention_mask, next_tokens = _padded_batch()
+    full_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)], dim=1)
+    cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8")
+    cache.activate_past_recording()
+    with torch.no_grad():
+        model(input_ids, attention_mask=attention_mask, cache=cache)
+        model(next_tokens[:, :4], attention_mask=full_mask[:, : input_ids.shape[1] + 4], cache=cache)
+        cache.crop(-2)
+        again = model(next_tokens[:, 2:3], attention_mask=full_mask[:, : input_ids.shape[1] + 3], cache=cache).logits
+        fresh = QuantizedPerTokenHeadCache(config=model.config, mode="int8")
+        model(input_ids, attention_mask=attention_mask, cache=fresh)
+        model(next_tokens[:, :2], attention_mask=full_mask[:, : input_ids.shape[1] + 2], cache=fresh)
+        expected = model(next_tokens[:, 2:3], attention_mask=full_mask[:, : input_ids.shape[1] + 3], cache=fresh).logits
+    assert cache.get_seq_length() == input_ids.shape[1] + 3
+    assert (again - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_hybrid_states_are_not_saved_and_a_cache_without_config_says_what_it_lacks(tmp_path):
+    model, cache = _hybrid_cache_after_a_prefill("qwen3_next")
+    with pytest.raises(NotImplementedError, match="convolution and recurrent states of hybrid models"):
+        cache.save(tmp_path / "hybrid.safetensors")
+    input_ids, attention_mask, _ = _padded_batch()
+    with pytest.raises(ValueError, match="keeps a convolution or recurrent state .* build it with config=model.config"):
+        model(input_ids, attention_mask=attention_mask, cache=QuantizedPerTokenHeadCache(mode="int8"))
+
+
+@pytest.mark.parametrize("arch, message", [
+    ("deepseek_v32", "layer type 'indexed_attention': indexed attention"),
+    ("glm_moe_dsa", "layer type 'indexed_attention': indexed attention"),
+    ("deepseek_v4", "compressed attention"),
+    ("mamba", "no attention layer whose keys and values could be quantized"),
+])
+def test_layer_types_hf_kvquant_cannot_serve_are_refused_at_construction(arch, message):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(arch)  # the full-size default config: nothing is allocated
+    with pytest.raises(ValueError, match=message):
+        QuantizedPerTokenHeadCache(config=config, mode="int8")
+    with pytest.raises(ValueError, match=message):
+        QuantizedPerTokenHeadCache(config=config, mode="fp8", max_cache_len=64)
+
+
+def test_an_unknown_layer_type_is_refused_by_name():
+    config = LlamaConfig(num_hidden_layers=2, layer_types=["full_attention", "minimax_m3_sparse"])
+    with pytest.raises(ValueError, match="layer type 'minimax_m3_sparse': is not supported .* accepted:"):
+        QuantizedPerTokenHeadCache(config=config)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("max_cache_len", [None, 24], ids=["growable", "preallocated"])
+def test_chunked_attention_matches_eager_over_the_same_cache(mode, max_cache_len):
+    """Llama 4's chunked layers (chunks of 4 tokens, a 9-token left-padded prompt, then 6 steps): a token sees the
+    earlier tokens of its own chunk only. hf_kvquant's attention gets transformers' chunked mask and equals eager
+    attention over the same quantized cache; the chunks matter (without them the logits are far off)."""
+    model = _zoo_model("llama4_text")
+    assert model.config.attention_chunk_size == 4 and "chunked_attention" in model.config.layer_types
+    input_ids, attention_mask, next_tokens = _padded_batch()
+
+    def run(attention):
+        cache = QuantizedPerTokenHeadCache(config=model.config, mode=mode, max_cache_len=max_cache_len)
+        return _forced_steps(model, attention, cache, input_ids, attention_mask, next_tokens).log_softmax(-1)
+
+    eager, ours = run("eager"), run(ATTENTION_NAME)
+    kl = (eager.exp() * (eager - ours)).sum(-1)
+    assert kl.max().item() <= 1e-5, kl.max().item()
+    model.config.attention_chunk_size = 10**6  # one chunk: plain causal attention
+    unchunked = run("eager")
+    assert (eager.exp() * (eager - unchunked)).sum(-1).mean().item() > 100 * max(kl.max().item(), 1e-7)
+
+
+def test_gemma4_kv_shared_layers_run_under_hf_kvquant_attention():
+    """Gemma 4's KV-shared layers slice the mask of a prefill as 4D (they keep the rows of the last tokens): they get
+    transformers' 4D mask, and generation equals eager attention's over the same quantized cache."""
+    model = _zoo_model("gemma4_text")
+    assert model.config.num_kv_shared_layers == 2
+    input_ids, attention_mask, _ = _padded_batch()
+
+    def run(attention):
+        model.set_attn_implementation(attention)
+        cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model.generate(input_ids, attention_mask=attention_mask, cache=cache, max_new_tokens=5,
+                                 min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits, dim=1)
+
+    (tokens, logits), (expected_tokens, expected) = run(ATTENTION_NAME), run("eager")
+    assert torch.equal(tokens, expected_tokens)
+    assert (logits - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
+def test_attention_features_hf_kvquant_does_not_compute_are_refused():
+    query, key = torch.zeros(1, 4, 3, 64), torch.zeros(1, 2, 3, 64)
+    with pytest.raises(NotImplementedError, match="additive position bias .* 'position_bias'"):
+        hf_kvquant.hf_kvquant_attention(None, query, key, key, None, position_bias=torch.zeros(1, 4, 3, 3))
+    with pytest.raises(NotImplementedError, match="block-sparse attention .* 'block_indices'"):
+        hf_kvquant.hf_kvquant_attention(None, query, key, key, None, block_indices=torch.zeros(1, dtype=torch.long))
+
+
+def test_bidirectional_attention_takes_sdpa_without_causality():
+    """A module marked ``is_causal = False`` (an encoder-style decoder built without ``is_decoder``): every query sees
+    every unpadded key, as in transformers' SDPA, not the kernel's causal rule."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = False, 2
+    query, key, value = torch.randn(2, 4, 5, 64), torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, _ = hf_kvquant.hf_kvquant_attention(module, query, key, value, mask)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask[:, None, None, :], is_causal=False)
+    causal, _ = sdpa_attention_forward(module, query, key, value, None, is_causal=True)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert not torch.allclose(ours[1], causal[1], atol=1e-2)
+
+
+def test_padding_mask_of_a_preallocated_layer_without_attention_mask_marks_the_written_slots():
+    written = attention_module.padding_mask(2, 3, 8, q_offset=torch.tensor(2), kv_offset=0, attention_mask=None)
+    assert torch.equal(written, torch.tensor([[True] * 5 + [False] * 3] * 2))
+    assert attention_module.padding_mask(2, 3, 5, q_offset=2, kv_offset=0, attention_mask=None) is None  # growable
+
+
+def test_transformers_static_cache_under_hf_kvquant_attention_matches_eager():
+    """A preallocated cache that is not ours (transformers' `StaticCache`) hands hf_kvquant's attention every slot,
+    the unwritten ones masked: its plain-PyTorch path places the queries at the last written slot (sliding window of 6
+    shorter than the prompt included) and equals eager attention over the same cache."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, StaticCache
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=64, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(config).eval()
+    input_ids, attention_mask, next_tokens = _padded_batch()
+
+    def run(attention):
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        return _forced_steps(model, attention, cache, input_ids, attention_mask, next_tokens)
+
+    ours, expected = run(ATTENTION_NAME), run("eager")
+    assert (ours - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
+@requires_cuda
+@pytest.mark.parametrize("arch", ["qwen3_next", "falcon_h1", "llama4_text", "gemma4_text"])
+@pytest.mark.parametrize("max_cache_len", [None, 32], ids=["growable", "preallocated"])
+def test_hybrid_chunked_and_kv_shared_models_on_the_gpu_match_eager(arch, max_cache_len):
+    """On the GPU, where the Triton kernel reads the quantized buffers: hybrid models (linear attention or Mamba states
+    beside quantized attention), chunked attention (its 4D mask through SDPA) and Gemma 4's KV-shared layers, under
+    hf_kvquant's attention, against eager attention over the same quantized cache (float32, teacher-forced)."""
+    model = _zoo_model(arch).cuda()
+    input_ids, attention_mask, next_tokens = (t.cuda() for t in _padded_batch())
+
+    def run(attention):
+        cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8", max_cache_len=max_cache_len)
+        return _forced_steps(model, attention, cache, input_ids, attention_mask, next_tokens).log_softmax(-1)
+
+    eager, ours = run("eager"), run(ATTENTION_NAME)
+    kl = (eager.exp() * (eager - ours)).sum(-1)
+    assert kl.max().item() <= 5e-3, kl.max().item()

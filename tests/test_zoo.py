@@ -1,0 +1,84 @@
+"""The architecture zoo (eval/zoo.py): every decoder-only causal LM of the installed transformers, built tiny on the
+CPU, with `QuantizedPerTokenHeadCache` (growable and preallocated, INT8 and FP8, under the default attention and
+hf_kvquant's) against a fake-quant reference, and hf_kvquant's attention against the model's own.
+
+One test per architecture, so that a failure names it. Each ends supported (every run matches), refused (hf_kvquant
+raised a ValueError/NotImplementedError naming a reason this file accepts), or skipped (transformers itself fails on
+the tiny config, or the model keeps no KV cache). A mismatch, a crash inside the model with our cache where
+transformers' own works, or a refusal for a reason not listed below fails. The last test prints the counts.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # eval/'s modules, by their plain names
+import zoo
+
+ARCHITECTURES = zoo.decoder_only_architectures()
+# The reasons hf_kvquant may give for not serving an architecture. Anything else it refuses is a regression. (Head
+# sizes and keys/values of different sizes are also accepted: refused by earlier versions, served since.)
+ACCEPTED_REFUSALS = {
+    "indexed attention (DeepSeek sparse attention)": r"layer type 'indexed_attention': indexed attention",
+    "compressed attention (DeepSeek-V4)": r"layer type '\w*compressed\w*': compressed attention",
+    "no attention layer (Mamba, ...)": r"no attention layer whose keys and values could be quantized",
+    "additive position bias under hf_kvquant's attention": r"does not compute an additive position bias",
+    "block-sparse attention under hf_kvquant's attention": r"does not compute block-sparse attention",
+    "sinks other than one per query head under hf_kvquant's attention": r"one attention-sink logit per query head",
+    "head sizes": r"head_dim",
+}
+RESULTS: dict[str, zoo.ZooResult] = {}
+
+
+# Each model and fallback would warn its own way (the CPU path, dequantized hand-overs, 4D masks): not the point here.
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_single_thread():
+    """Tiny matrices: one thread is faster (on a busy machine, ten times), and transformers' logging off."""
+    threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity(verbosity)
+
+
+def test_the_zoo_is_the_decoder_only_architectures():
+    assert len(ARCHITECTURES) > 100
+    for name in ("llama", "gemma3_text", "qwen3_next", "jamba", "falcon_h1", "llama4_text", "deepseek_v3", "gpt_oss"):
+        assert name in ARCHITECTURES
+    for name in ("bert", "t5", "whisper", "gemma3", "llava"):  # encoders, encoder-decoders, multimodal wrappers
+        assert name not in ARCHITECTURES
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_architecture(name):
+    result = zoo.run_architecture(name)  # AssertionError on a mismatch; a crash propagates
+    RESULTS[name] = result
+    assert result.status in ("supported", "refused", "skipped"), result
+    if result.status == "refused":
+        accepted = [what for what, pattern in ACCEPTED_REFUSALS.items() if re.search(pattern, result.reason)]
+        assert accepted, f"{name} is refused for a reason not accepted: {result.reason}"
+
+
+def test_counts():
+    """The summary (run after the architectures; with -k selecting some, over those)."""
+    if not RESULTS:
+        pytest.skip("no architecture ran")
+    counts = {status: sorted(n for n, r in RESULTS.items() if r.status == status)
+              for status in ("supported", "refused", "skipped")}
+    print(f"\nzoo: {len(RESULTS)} architectures: {len(counts['supported'])} supported, {len(counts['refused'])} "
+          f"refused, {len(counts['skipped'])} skipped")
+    for status in ("refused", "skipped"):
+        for name in counts[status]:
+            print(f"  {status} {name}: {RESULTS[name].reason[:150]}")
+    if len(RESULTS) == len(ARCHITECTURES):  # the whole zoo: most of it is served
+        assert len(counts["supported"]) >= 0.75 * len(ARCHITECTURES), counts
