@@ -1,12 +1,15 @@
 """GPU benchmark of attention over the quantized cache, side by side with its baselines in one run.
 
-Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), bf16 queries:
-- decode (1 query token) at (batch, cache length) = (1, 32k), (8, 4k), (8, 32k), (32, 8k):
-  hf_kvquant INT8 and FP8 kernels, `scaled_dot_product_attention` over a bf16 cache (``enable_gqa=True``),
-  and dequantize-then-SDPA over the INT8 cache, timed as eager calls (host launch time included, as in eager
-  decoding) and, for SDPA and the kernels, also as GPU time alone (replayed from a CUDA graph);
-- prefill of 8k tokens, batch 1, causal: the same kernel against SDPA on bf16, pinned to each of its fused
-  backends (the target is set against the flash backend) and as SDPA picks by default;
+bf16 queries; Llama-3-8B heads (32 query / 8 KV heads, head_dim 128) unless a row says otherwise:
+- decode (1 query token) at (batch, cache length) = (1, 32k), (8, 4k), (8, 32k), (32, 8k), and at (8, 32k) with
+  head_dim 64 (Llama-3.2-1B, 32/8), head_dim 256 (Gemma, 8/4) and MHA (32/32): hf_kvquant INT8 and FP8 kernels,
+  `scaled_dot_product_attention` over a bf16 cache (``enable_gqa=True``), and dequantize-then-SDPA over the INT8
+  cache, timed as eager calls (host launch time included, as in eager decoding) and, for SDPA and the kernels, also
+  as GPU time alone (replayed from a CUDA graph);
+- causal prefill at (batch, tokens) = (1, 8k), (1, 32k), (4, 4k), and a chunk of 2k new tokens over a 30k past:
+  `hf_kvquant.ops.attention` as the cache's attention calls it (long prefills go through SDPA over the window
+  dequantized by hf_kvquant's kernel), hf_kvquant's attention kernel alone, and SDPA over the same bf16 keys and
+  values as it picks by default and pinned to each fused backend;
 - the device's copy bandwidth, to read the decode times against.
 
     python eval/bench_attention.py [--out-dir eval/results]
@@ -21,17 +24,24 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from hf_kvquant import KVQuantMode, QuantizedKV
+from hf_kvquant.ops import attention
 from hf_kvquant.ops.attention_kernel import quantized_attention
 from hf_kvquant.ops.quantize_kernel import quantize_into_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
 from common import copy_bandwidth, environment, out_dir_argument, versions_line, write_results
 
-HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
-DECODE_SHAPES = [(1, 32768), (8, 4096), (8, 32768), (32, 8192)]
-PREFILL_TOKENS = 8192
+DTYPE = torch.bfloat16
+LLAMA3_8B = ("Llama-3-8B", 32, 8, 128)  # (heads of, query heads, KV heads, head_dim)
+# (heads, batch, cache length)
+DECODE_ROWS = [(LLAMA3_8B, 1, 32768), (LLAMA3_8B, 8, 4096), (LLAMA3_8B, 8, 32768), (LLAMA3_8B, 32, 8192),
+               (("Llama-3.2-1B", 32, 8, 64), 8, 32768), (("Gemma", 8, 4, 256), 8, 32768),
+               (("MHA", 32, 32, 128), 8, 32768)]
+# (batch, new tokens, past tokens)
+PREFILL_ROWS = [(1, 8192, 0), (1, 32768, 0), (4, 4096, 0), (1, 2048, 30720)]
 PREFILL_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
@@ -46,8 +56,9 @@ def _bench_graph(fn) -> float:
 
 def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tensor, value: torch.Tensor):
     """QuantizedKV keys and values of a bf16 cache, quantized with the cache's own kernel."""
-    shape = (batch, KV_HEADS, length)
-    key_data, value_data = (torch.empty(*shape, HEAD_DIM, device="cuda", dtype=mode.storage_dtype)
+    kv_heads, head_dim = key.shape[1], key.shape[-1]
+    shape = (batch, kv_heads, length)
+    key_data, value_data = (torch.empty(*shape, head_dim, device="cuda", dtype=mode.storage_dtype)
                             for _ in range(2))
     key_scale, value_scale = (torch.empty(*shape, device="cuda") for _ in range(2))
     slots = torch.arange(length, device="cuda")
@@ -56,15 +67,17 @@ def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tens
             QuantizedKV(value_data, value_scale, 0, length, mode, DTYPE))
 
 
-def bench_decode(batch: int, length: int) -> dict:
-    query = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
-    key = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=DTYPE)
+def bench_decode(heads: tuple, batch: int, length: int) -> dict:
+    name, num_heads, kv_heads, head_dim = heads
+    query = torch.randn(batch, num_heads, 1, head_dim, device="cuda", dtype=DTYPE)
+    key = torch.randn(batch, kv_heads, length, head_dim, device="cuda", dtype=DTYPE)
     value = torch.randn_like(key)
 
     def sdpa():
         return F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
 
-    row = {"batch": batch, "cache_len": length, "sdpa_bf16_ms": _bench(sdpa), "sdpa_bf16_graph_ms": _bench_graph(sdpa)}
+    row = {"heads": f"{name} {num_heads}/{kv_heads}, d{head_dim}", "batch": batch, "cache_len": length,
+           "sdpa_bf16_ms": _bench(sdpa), "sdpa_bf16_graph_ms": _bench_graph(sdpa)}
     reference = F.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2).float()
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, length, mode, key, value)
@@ -87,17 +100,19 @@ def bench_decode(batch: int, length: int) -> dict:
     return row
 
 
-def bench_prefill() -> dict:
-    query = torch.randn(1, HEADS, PREFILL_TOKENS, HEAD_DIM, device="cuda", dtype=DTYPE)
-    key = torch.randn(1, KV_HEADS, PREFILL_TOKENS, HEAD_DIM, device="cuda", dtype=DTYPE)
+def bench_prefill(batch: int, new: int, past: int) -> dict:
+    _, num_heads, kv_heads, head_dim = LLAMA3_8B
+    query = torch.randn(batch, num_heads, new, head_dim, device="cuda", dtype=DTYPE)
+    key = torch.randn(batch, kv_heads, past + new, head_dim, device="cuda", dtype=DTYPE)
     value = torch.randn_like(key)
+    causal = causal_lower_right(new, past + new)  # the new tokens are the last: what the cache's attention computes
 
     def sdpa():
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=causal, enable_gqa=True)
 
-    row = {"batch": 1, "tokens": PREFILL_TOKENS, "sdpa_default_ms": _bench(sdpa)}
-    # SDPA's default pick depends on the torch build and GPU (on an H100 with torch 2.11 it is not the flash
-    # backend): time each fused backend pinned as well; None where it does not take these inputs.
+    row = {"batch": batch, "tokens": new, "past": past, "sdpa_default_ms": _bench(sdpa)}
+    # SDPA's default pick depends on the torch build and GPU: each fused backend pinned as well; None where it does
+    # not take these inputs.
     for backend in PREFILL_SDPA_BACKENDS:
         field = f"sdpa_{backend.name.lower()}_ms"
         try:
@@ -105,12 +120,18 @@ def bench_prefill() -> dict:
                 row[field] = _bench(sdpa)
         except RuntimeError:
             row[field] = None
+    reference = sdpa().transpose(1, 2).float()
     for mode in KVQuantMode:
-        qk, qv = _quantized_cache(1, PREFILL_TOKENS, mode, key, value)
+        qk, qv = _quantized_cache(batch, past + new, mode, key, value)
         name = mode.short_name
-        row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
-        row[f"{name}_over_sdpa_flash"] = row[f"{name}_ms"] / row["sdpa_flash_attention_ms"]
+        row[f"{name}_ms"] = _bench(lambda: attention(query, qk, qv))
+        row[f"{name}_kernel_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
         row[f"{name}_over_sdpa_default"] = row[f"{name}_ms"] / row["sdpa_default_ms"]
+        row[f"{name}_kernel_over_sdpa_default"] = row[f"{name}_kernel_ms"] / row["sdpa_default_ms"]
+        row[f"{name}_max_error_vs_bf16"] = (attention(query, qk, qv).float() - reference).abs().max().item()
+        row[f"{name}_kernel_max_error_vs_bf16"] = (
+            quantized_attention(query, qk, qv).float() - reference).abs().max().item()
+        qk = qv = None
     return row
 
 
@@ -118,42 +139,45 @@ def markdown(result: dict) -> str:
     lines = [
         f"Device: {result['device']}; {versions_line(result['versions'])}. Copy bandwidth "
         f"{result['copy_tb_per_s']:.2f} TB/s (read + written). Times are medians of `triton.testing.do_bench` (eager "
-        "calls: host launch time included, as in eager decoding), in ms; the last two columns are GPU time alone, "
-        "calls replayed from a CUDA graph (`do_bench_cudagraph`).",
+        "calls: host launch time included, as in eager decoding), in ms; the decode columns marked graphs are GPU "
+        "time alone, calls replayed from a CUDA graph (`do_bench_cudagraph`).",
         "",
-        "Decode, 1 query token, 32 query / 8 KV heads, head_dim 128, bf16 queries; SDPA as it picks its backend by "
-        "default:",
+        "Decode, 1 query token, bf16 queries; SDPA as it picks its backend by default:",
         "",
-        "| batch | cache len | SDPA bf16 | dequant + SDPA | INT8 | FP8 | INT8 / SDPA | FP8 / SDPA | FP8 / INT8 "
+        "| heads | batch | cache len | SDPA bf16 | dequant + SDPA | INT8 | FP8 | INT8 / SDPA | FP8 / SDPA | FP8 / INT8 "
         "| INT8 TB/s | INT8 / SDPA, graphs | FP8 / SDPA, graphs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["decode"]:
         lines.append(
-            f"| {r['batch']} | {r['cache_len']} | {r['sdpa_bf16_ms']:.3f} | {r['dequant_sdpa_ms']:.3f} | "
+            f"| {r['heads']} | {r['batch']} | {r['cache_len']} | {r['sdpa_bf16_ms']:.3f} | "
+            f"{r['dequant_sdpa_ms']:.3f} | "
             f"{r['int8_ms']:.3f} | {r['fp8_ms']:.3f} | {r['int8_over_sdpa']:.2f} | {r['fp8_over_sdpa']:.2f} | "
             f"{r['fp8_over_int8']:.2f} | {r['int8_tb_per_s']:.2f} | {r['int8_over_sdpa_graph']:.2f} | "
             f"{r['fp8_over_sdpa_graph']:.2f} |")
-    p = result["prefill"]
 
     def ms(t):
         return "n/a" if t is None else f"{t:.3f}"
 
     lines += [
         "",
-        f"Prefill, {p['tokens']} tokens, batch 1, causal, times in ms. The target (<= 1.5 x) is set against SDPA's "
-        "flash backend; SDPA's default pick and its other fused backends are timed beside it (n/a: the backend "
-        "does not take these inputs):",
+        "Prefill, causal, Llama-3-8B heads (32/8, head_dim 128), times in ms. INT8 / FP8: `hf_kvquant.ops.attention` "
+        "as the cache's attention calls it; kernel: hf_kvquant's attention kernel alone. SDPA over the same keys and "
+        "values in bf16, by default and pinned to each fused backend (n/a: it does not take these inputs). Max error: "
+        "largest absolute difference from SDPA's bf16 output.",
         "",
-        "| SDPA flash | SDPA cuDNN | SDPA efficient | SDPA default | INT8 | FP8 | INT8 / flash | FP8 / flash "
-        "| INT8 / default | FP8 / default |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| {ms(p['sdpa_flash_attention_ms'])} | {ms(p['sdpa_cudnn_attention_ms'])} | "
-        f"{ms(p['sdpa_efficient_attention_ms'])} | {ms(p['sdpa_default_ms'])} | {p['int8_ms']:.3f} | "
-        f"{p['fp8_ms']:.3f} | "
-        f"{p['int8_over_sdpa_flash']:.2f} | {p['fp8_over_sdpa_flash']:.2f} | {p['int8_over_sdpa_default']:.2f} | "
-        f"{p['fp8_over_sdpa_default']:.2f} |",
+        "| batch | new tokens | past | SDPA default | flash | cuDNN | efficient | INT8 | FP8 | INT8 kernel "
+        "| FP8 kernel | INT8 / default | FP8 / default | INT8 kernel / default | max error INT8 / kernel |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    for p in result["prefill"]:
+        lines.append(
+            f"| {p['batch']} | {p['tokens']} | {p['past']} | {ms(p['sdpa_default_ms'])} | "
+            f"{ms(p['sdpa_flash_attention_ms'])} | {ms(p['sdpa_cudnn_attention_ms'])} | "
+            f"{ms(p['sdpa_efficient_attention_ms'])} | {p['int8_ms']:.3f} | {p['fp8_ms']:.3f} | "
+            f"{p['int8_kernel_ms']:.3f} | {p['fp8_kernel_ms']:.3f} | {p['int8_over_sdpa_default']:.2f} | "
+            f"{p['fp8_over_sdpa_default']:.2f} | {p['int8_kernel_over_sdpa_default']:.2f} | "
+            f"{p['int8_max_error_vs_bf16']:.3f} / {p['int8_kernel_max_error_vs_bf16']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,8 +186,8 @@ def main() -> None:
     result = {
         **environment("cuda"),
         "copy_tb_per_s": copy_bandwidth()["tb_per_s"],
-        "decode": [bench_decode(b, n) for b, n in DECODE_SHAPES],
-        "prefill": bench_prefill(),
+        "decode": [bench_decode(*row) for row in DECODE_ROWS],
+        "prefill": [bench_prefill(*row) for row in PREFILL_ROWS],
     }
     text = markdown(result)
     print(text)

@@ -25,6 +25,11 @@ from .reference import attention_reference, dequantize, quantize_into_reference
 if TYPE_CHECKING:
     from ..quantized_kv import QuantizedKV
 
+# The widest head_dim (of keys, or of values) the Triton kernels take: their tiles are padded to a power of two, and
+# one of 1024 channels would not fit a program's registers. The plain-PyTorch reference takes any head_dim; the cache
+# refuses wider heads only on CUDA devices, where the kernels run.
+MAX_KERNEL_HEAD_DIM = 512
+
 
 @functools.cache
 def cuda_kernels() -> SimpleNamespace | None:
@@ -75,9 +80,42 @@ def quantize_into(
 # -- attention -------------------------------------------------------------------------------------------------------
 
 
+# Query tokens from which a prefill takes PyTorch's fused attention (cuDNN / flash) over the window dequantized to the
+# query's dtype: those kernels run the tensor cores at full rate, where hf_kvquant's kernel widens every K/V tile in its
+# inner loop. Decode steps and short chunks stay in hf_kvquant's kernel, which reads the cache's bytes once.
+SDPA_PREFILL_MIN_QUERIES = 256
+
+
+def _prefills_through_sdpa(query, key: QuantizedKV, value: QuantizedKV, padding_mask, sliding_window, softcap,
+                           sinks) -> bool:
+    """A long prefill that PyTorch's fused kernels compute exactly: causal attention (bottom-right aligned) in half
+    precision over a window the host knows, without padding, sliding window, soft-capping or sinks."""
+    return (query.shape[2] >= SDPA_PREFILL_MIN_QUERIES and query.dtype in (torch.float16, torch.bfloat16)
+            and key.length is None and padding_mask is None and sliding_window is None and softcap is None
+            and sinks is None and key.data.shape[-1] == value.data.shape[-1])
+
+
+def attention_through_sdpa(query: torch.Tensor, key: QuantizedKV, value: QuantizedKV,
+                           scaling: float | None = None) -> torch.Tensor:
+    """Causal attention of ``query [batch, heads, q_len, head_dim]`` over the window of ``key``/``value``, widened to
+    the query's dtype by the dequantize kernel (one layer's window, for this call only) and handed to
+    ``scaled_dot_product_attention``. Returns ``[batch, q_len, heads, head_dim]``."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from .dequantize_kernel import dequantize_window
+
+    k, v = dequantize_window(key, query.dtype), dequantize_window(value, query.dtype)
+    causal = causal_lower_right(query.shape[2], k.shape[2])  # the new tokens are the window's last
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=causal, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
+
+
 def _attention(query, key: QuantizedKV, value: QuantizedKV, padding_mask, scaling, sliding_window, softcap, sinks,
                own_workspace=False) -> torch.Tensor:
     kernels = _use_kernels(query)
+    if kernels is not None and _prefills_through_sdpa(query, key, value, padding_mask, sliding_window, softcap, sinks):
+        return attention_through_sdpa(query, key, value, scaling)
     if kernels is not None:
         return kernels.attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks,
                                  own_workspace)
@@ -107,16 +145,18 @@ def _attention_op(
 @_attention_op.register_fake
 def _(query, key_data, key_scale, value_data, value_scale, length, padding_mask, start, kernel_format, scaling,
       sliding_window, softcap, sinks):
-    batch, heads, q_len, head_dim = query.shape
-    return query.new_empty(batch, q_len, heads, head_dim)
+    batch, heads, q_len, _ = query.shape
+    value_head_dim = value_data.shape[-1] * KVQuantMode.from_kernel_format(kernel_format).spec.values_per_byte
+    return query.new_empty(batch, q_len, heads, value_head_dim)  # the values' head_dim, which may differ (MLA)
 
 
 def attention(query: torch.Tensor, key: QuantizedKV, value: QuantizedKV, padding_mask: torch.Tensor | None = None,
               scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
               sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``query [batch, heads, q_len, head_dim]`` over quantized keys and values (the rules of
-    `attention_reference`): the Triton kernel on CUDA tensors, dequantize + reference everywhere else. Returns
-    ``[batch, q_len, heads, head_dim]`` in the query's dtype."""
+    """Attention of ``query [batch, heads, q_len, head_dim]`` over quantized keys (of the query's head_dim) and values
+    (of their own head_dim, which may differ: MLA), by the rules of `attention_reference`: the Triton kernel on CUDA
+    tensors, dequantize + reference everywhere else. Returns ``[batch, q_len, heads, value_head_dim]`` in the query's
+    dtype."""
     if torch.compiler.is_compiling():
         if key.length is None:
             raise ValueError("hf_kvquant attention compiles over a preallocated cache only: build "
