@@ -104,6 +104,12 @@ def attention_through_sdpa(query: torch.Tensor, key: QuantizedKV, value: Quantiz
 
     from .dequantize_kernel import dequantize_window
 
+    window = key.end - key.start
+    if key.length is not None or query.shape[2] > window:
+        raise ValueError(
+            f"attention_through_sdpa needs a window whose length the host knows (key.length None; got "
+            f"{'a length on the device' if key.length is not None else 'none'}) holding the {query.shape[2]} queries' "
+            f"tokens (window {window}): a preallocated layer's live length is on the device, use ops.attention")
     k, v = dequantize_window(key, query.dtype), dequantize_window(value, query.dtype)
     causal = causal_lower_right(query.shape[2], k.shape[2])  # the new tokens are the window's last
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=causal, scale=scaling,
