@@ -120,9 +120,9 @@ def attention_through_sdpa(query: torch.Tensor, key: QuantizedKV, value: Quantiz
 def _attention(query, key: QuantizedKV, value: QuantizedKV, padding_mask, scaling, sliding_window, softcap, sinks,
                own_workspace=False) -> torch.Tensor:
     kernels = _use_kernels(query)
-    if kernels is not None and _prefills_through_sdpa(query, key, value, padding_mask, sliding_window, softcap, sinks):
-        return attention_through_sdpa(query, key, value, scaling)
     if kernels is not None:
+        if _prefills_through_sdpa(query, key, value, padding_mask, sliding_window, softcap, sinks):
+            return attention_through_sdpa(query, key, value, scaling)
         return kernels.attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks,
                                  own_workspace)
     end = key.end if key.length is None else key.start + int(key.length)  # the reference reads only live slots
