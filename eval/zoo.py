@@ -180,10 +180,10 @@ def tiny_config(name: str):
     return config_class(**kwargs)
 
 
-def build_model(name: str):
-    """A float32 random model of ``name`` from `tiny_config`, seeded, in eval mode."""
+def build_model(name: str, device: str = "cpu"):
+    """A float32 random model of ``name`` from `tiny_config`, seeded, in eval mode, on ``device``."""
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config(name)).float().eval()
+    return AutoModelForCausalLM.from_config(tiny_config(name)).float().eval().to(device)
 
 
 # -- the runs ----------------------------------------------------------------------------------------------------------
@@ -263,12 +263,12 @@ def raised_by_hf_kvquant(error: BaseException) -> bool:
     return bool(frames) and frames[-1].filename.startswith(str(Path(hf_kvquant.__file__).parent))
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(3, VOCAB, (2, PROMPT), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :PADDING] = 0
-    return input_ids, attention_mask
+    return input_ids.to(device), attention_mask.to(device)
 
 
 def _generate(model, cache, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,6 +359,14 @@ def _static_failure(model, attention: str, input_ids, attention_mask, sequences,
     return None
 
 
+def _static_failure_on_cpu(name: str, attention: str, *tensors) -> str | None:
+    """`_static_failure` of the same model on the CPU. On a GPU a failing StaticCache run can end in a device-side
+    assert (an index out of bounds), which leaves the process unable to run anything more."""
+    model = build_model(name)
+    model.set_attn_implementation(attention)
+    return _static_failure(model, attention, *(None if t is None else t.cpu() for t in tensors))
+
+
 def _check(what: str, ours: _Outputs, reference: _Outputs, tolerance: float) -> float:
     error = _compare(f"{what} (generate)", ours.logits, reference.logits, tolerance, ours.tokens, reference.tokens)
     if reference.forced is not None:
@@ -366,8 +374,10 @@ def _check(what: str, ours: _Outputs, reference: _Outputs, tolerance: float) -> 
     return error
 
 
-def run_architecture(name: str) -> ZooResult:
-    """Build ``name`` tiny, run it, and classify it (see the module docstring). Raises AssertionError on a mismatch,
+def run_architecture(name: str, device: str = "cpu") -> ZooResult:
+    """Build ``name`` tiny on ``device``, run it, and classify it (see the module docstring). On a GPU, hf_kvquant's
+    attention runs its Triton kernel (float32 queries: exact FMA dots), so the same checks hold the kernel to the
+    fake-quant reference. Raises AssertionError on a mismatch,
     and lets any other error of a run with our cache propagate (a crash where DynamicCache works).
 
     The runs, each a greedy generation and a teacher-forced forward (over the tokens the plain cache generated):
@@ -382,7 +392,7 @@ def run_architecture(name: str) -> ZooResult:
     """
     start = time.perf_counter()
     try:
-        model = build_model(name)
+        model = build_model(name, device)
     except Exception as e:  # noqa: BLE001 - transformers cannot build the tiny config
         return ZooResult(name, "skipped", f"the tiny config does not build: {_describe(e)}")
     default_attention = model.config._attn_implementation
@@ -390,7 +400,7 @@ def run_architecture(name: str) -> ZooResult:
         layer_types = [type(layer).__name__ for layer in _ours(model, INT8).layers]
     except Refused as e:  # the cache cannot serve this model at all: say why, whatever transformers does with it
         return ZooResult(name, "refused", str(e), seconds=time.perf_counter() - start)
-    input_ids, attention_mask = _inputs()
+    input_ids, attention_mask = _inputs(device)
 
     def plain():
         return DynamicCache(config=model.config)
@@ -417,6 +427,10 @@ def run_architecture(name: str) -> ZooResult:
             run = _run_name(attention, mode, preallocated)
             attention = default_attention if attention == "default" else attention
             length = MAX_CACHE_LEN if preallocated else None
+            if preallocated and device != "cpu" and (failure := _static_failure_on_cpu(
+                    name, attention, input_ids, attention_mask, sequences, mask)):
+                notes.append(f"{run} left out: transformers' StaticCache fails: {failure}")
+                continue
             if preallocated:
                 def reference_cache(mode=mode):
                     return FakeQuantStaticCache(model.config, mode, MAX_CACHE_LEN)
@@ -504,20 +518,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="architectures (default: all decoder-only ones)")
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not write {RESULTS}")
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda: hf_kvquant's attention through "
+                        "its Triton kernel); the table is written for the CPU and the default head_dim only")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
+                        help=f"channels per attention head (default {HEAD_DIM}; hidden size = 4 heads of it)")
     args = parser.parse_args()
+    if args.head_dim != HEAD_DIM:
+        for key in ("head_dim", "swa_head_dim"):
+            TINY[key] = args.head_dim
+        for key in ("hidden_size", "n_embd", "d_model", "embedding_dim"):
+            TINY[key] = 4 * args.head_dim
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     results = []
     for name in args.names or decoder_only_architectures():
         try:
-            result = run_architecture(name)
+            result = run_architecture(name, args.device)
         except Exception as e:  # noqa: BLE001 - tests/test_zoo.py fails on it; the script lists it and goes on
             result = ZooResult(name, "FAILED", _describe(e))
         results.append(result)
         print(f"{name:28s} {result.status:9s} {result.seconds:5.2f}s {result.max_logit_error:7.1e} "
               f"{result.reason[:100]}", flush=True)
-    if args.names or args.no_write:
+    if args.names or args.no_write or args.device != "cpu" or args.head_dim != HEAD_DIM:
         return
     print(write_table(results))
 

@@ -69,6 +69,23 @@ def test_architecture(name):
         assert accepted, f"{name} is refused for a reason not accepted: {result.reason}"
 
 
+def test_a_static_cache_failure_is_found_on_the_cpu_before_a_gpu_run():
+    """On a GPU, transformers' StaticCache failing on cpmant's tiny config is an out-of-bounds index_copy_, a
+    device-side assert that leaves the process unable to run anything: `run_architecture` asks the CPU first."""
+    input_ids, attention_mask = zoo._inputs()
+    failure = zoo._static_failure_on_cpu("cpmant", "eager", input_ids, attention_mask, None, None)
+    assert failure is not None and "index_copy_" in failure
+    assert zoo._static_failure_on_cpu("llama", "sdpa", input_ids, attention_mask, None, None) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["gpt_oss", "deepseek_v3", "qwen3_5_text", "phi", "cpmant"])
+def test_architecture_on_the_gpu(name):
+    """The zoo's checks through the Triton kernel: sinks (gpt_oss), MLA (deepseek_v3), a hybrid (qwen3_5_text), phi,
+    and a model whose StaticCache fails (cpmant: asked on the CPU first)."""
+    assert zoo.run_architecture(name, "cuda").status == "supported"
+
+
 def test_counts():
     """The summary (run after the architectures; with -k selecting some, over those)."""
     if not RESULTS:
