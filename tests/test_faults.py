@@ -292,12 +292,18 @@ def test_preallocating_more_than_the_gpu_holds_raises_and_leaks_nothing(mode):
 @pytest.mark.parametrize("layout", ["growth", "preallocation"])
 def test_real_out_of_memory_leaves_the_cache_unchanged_and_usable(layout, mode):
     device = torch.device("cuda")
+    # The cap stops new segments only: a request that fits in a free part of a segment in use is served whatever the
+    # cap. Freed first, this test's buffers get segments of their own (blocks of 10 MB and more get one of their exact
+    # size, smaller ones share 20 MB segments), so a request above 20 MB finds no such part.
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     config = llama_config(layers=1, heads=GPU_HEADS, head_dim=GPU_HEAD_DIM)
     max_cache_len = None if layout == "growth" else 1 << 16
     cache, twin = (QuantizedPerTokenHeadCache(config=config, mode=mode, max_cache_len=max_cache_len)
                    for _ in range(2))
-    # growth: 1000 tokens, then 4096 more (~5k slots, ~11 MB); preallocation: 16 tokens into 65536 slots (~138 MB)
-    counts = [1000, 4096] if layout == "growth" else [16]
+    # growth: 1000 tokens, then 32768 more (>= 32 MB per code buffer); preallocation: 16 tokens into 65536 slots (64
+    # MB per code buffer)
+    counts = [1000, 32768] if layout == "growth" else [16]
     updates = [[t.to(device, torch.bfloat16) for t in tokens((1, GPU_HEADS, n, GPU_HEAD_DIM), seed=n)] for n in counts]
     *prefill, new = updates
     for kv in prefill:
