@@ -1,7 +1,8 @@
 """The architecture zoo: every decoder-only causal LM of the installed transformers, built from a tiny random config
-(float32, CPU) and run with `QuantizedPerTokenHeadCache`, growable and preallocated (``max_cache_len``), under the
-model's default attention and under hf_kvquant's, each run against a fake-quant reference: a transformers cache whose
-keys and values go through the same quantize-dequantize as ours, under the same attention. The check is therefore
+(float32; on the CPU unless ``--device`` says otherwise) and run with `QuantizedPerTokenHeadCache`, growable and
+preallocated (``max_cache_len``), under the model's default attention and under hf_kvquant's, each run against a
+fake-quant reference: a transformers cache whose keys and values go through the same quantize-dequantize as ours,
+under the same attention. The check is therefore
 exact up to float32 summation order, whatever the sensitivity of a tiny random model to rounding. A last run holds
 hf_kvquant's attention against the model's own over a plain DynamicCache (no rounding in the way). Each run is a
 greedy generation of a left-padded batch of 2, then a teacher-forced forward (the prompt, then the generated tokens
@@ -21,6 +22,8 @@ Anything else is a failure: a mismatch raises `AssertionError`, and an error of 
 
     python eval/zoo.py                       # all architectures (about a minute on 2 cores)
     python eval/zoo.py llama jamba           # some, printed only
+    python eval/zoo.py --device cuda         # on a GPU: hf_kvquant's attention through its Triton kernel, printed only
+    python eval/zoo.py phi --head-dim 80     # heads of 80 channels (hidden size 4 x 80), printed only
 """
 
 from __future__ import annotations
@@ -523,6 +526,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
                         help=f"channels per attention head (default {HEAD_DIM}; hidden size = 4 heads of it)")
     args = parser.parse_args()
+    if args.head_dim < 1:
+        parser.error(f"--head-dim must be a positive number of channels; got {args.head_dim}")
     if args.head_dim != HEAD_DIM:
         for key in ("head_dim", "swa_head_dim"):
             TINY[key] = args.head_dim

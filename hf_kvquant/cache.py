@@ -40,9 +40,6 @@ from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import KeyValueRotation, layer_rotation, rotate
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Head dims: any on the CPU (the plain-PyTorch path); on a CUDA device up to what the Triton kernels take. Keys and
-# values may differ (MLA models cache a latent of kv_lora_rank channels as keys, the rotary part as values).
-MAX_CUDA_HEAD_DIM = MAX_KERNEL_HEAD_DIM
 
 # Growth policy: capacity = round_up(needed + max(GROWTH_MIN_TOKENS, needed // GROWTH_FRACTION), CAPACITY_GRANULE).
 # The held bytes stay within ~1.6 % (+ 80 tokens) of the used bytes, and the amortised copy per new
@@ -228,10 +225,10 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             if head_dim < 1 or head_dim % values_per_byte:
                 raise ValueError(f"unsupported {name} head_dim {head_dim}; accepted: any positive head_dim"
                                  + (f" divisible by {values_per_byte}" if values_per_byte > 1 else ""))
-            if key_states.is_cuda and head_dim > MAX_CUDA_HEAD_DIM:
+            if key_states.is_cuda and head_dim > MAX_KERNEL_HEAD_DIM:
                 raise ValueError(
                     f"unsupported {name} head_dim {head_dim} on {key_states.device}; accepted on a CUDA device: 1 to "
-                    f"{MAX_CUDA_HEAD_DIM} (the widest head the Triton kernels take); on the CPU any head_dim"
+                    f"{MAX_KERNEL_HEAD_DIM} (the widest head the Triton kernels take); on the CPU any head_dim"
                 )
         if self.is_initialized:
             if key_states.device != self.device:
@@ -308,7 +305,8 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             raise ValueError(f"cannot remove {-tokens_to_remove} tokens from a layer holding {held}")
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens (a negative number, as in transformers 5); ``crop(0)`` keeps all."""
+        """Remove the last ``-tokens_to_remove`` tokens (a negative number, as in transformers 5); ``crop(0)`` keeps
+        all."""
         self.check_crop(tokens_to_remove)
         if self.is_initialized:  # a layer no update reached (KV sharing): nothing to remove, as in transformers
             self.stored += tokens_to_remove
@@ -666,7 +664,8 @@ class QuantizedPerTokenHeadCache(Cache):
 
     @property
     def hands_over_quantized(self) -> bool:
-        """Whether `update` returns `QuantizedKV` buffers (the model runs hf_kvquant's attention) or dequantized tensors."""
+        """Whether `update` returns `QuantizedKV` buffers (the model runs hf_kvquant's attention) or dequantized
+        tensors."""
         return getattr(self.config, "_attn_implementation", None) == ATTENTION_NAME
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -747,19 +746,15 @@ def kv_cache_nbytes(cache: Cache) -> int:
 # recurrent (linear attention, Mamba) states, exactly as in `DynamicCache(config=...)` and `StaticCache`.
 STATE_LAYER_TYPES = ("linear_attention", "conv")
 # Layer types hf_kvquant cannot serve, with the reason its refusal gives.
+_COMPRESSED_ATTENTION = ("compressed attention (DeepSeek-V4: keys and values compressed over blocks of tokens, with "
+                         "their own cache layout) is not supported")
 UNSUPPORTED_LAYER_TYPES = {
     "indexed_attention": (
-        "indexed attention (DeepSeek sparse attention, e.g. deepseek_v32, glm_moe_dsa: an indexer with its own cache of "
-        "indexer keys picks the tokens each query attends to) is not supported"
+        "indexed attention (DeepSeek sparse attention, e.g. deepseek_v32, glm_moe_dsa: an indexer with its own cache "
+        "of indexer keys picks the tokens each query attends to) is not supported"
     ),
-    "compressed_sparse_attention": (
-        "compressed attention (DeepSeek-V4: keys and values compressed over blocks of tokens, with their own cache "
-        "layout) is not supported"
-    ),
-    "heavily_compressed_attention": (
-        "compressed attention (DeepSeek-V4: keys and values compressed over blocks of tokens, with their own cache "
-        "layout) is not supported"
-    ),
+    "compressed_sparse_attention": _COMPRESSED_ATTENTION,
+    "heavily_compressed_attention": _COMPRESSED_ATTENTION,
 }
 
 
@@ -792,8 +787,9 @@ def _cache_layer(layer_type: str, kwargs: dict, mode: KVQuantMode, hadamard: boo
     reason = UNSUPPORTED_LAYER_TYPES.get(layer_type, "is not supported")
     raise ValueError(
         f"layer type {layer_type!r}: {reason} by QuantizedPerTokenHeadCache; accepted: 'full_attention', "
-        f"'sliding_attention', 'chunked_attention', 'hybrid', 'hybrid_sliding', {', '.join(map(repr, STATE_LAYER_TYPES))}"
-        " (kept in transformers' LinearAttentionLayer) and 'dummy'. Use transformers' DynamicCache for this model"
+        f"'sliding_attention', 'chunked_attention', 'hybrid', 'hybrid_sliding', "
+        f"{', '.join(map(repr, STATE_LAYER_TYPES))} (kept in transformers' LinearAttentionLayer) and 'dummy'. Use "
+        "transformers' DynamicCache for this model"
     )
 
 
