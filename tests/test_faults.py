@@ -251,6 +251,7 @@ def gpu_memory_exhausted(device):
     """This process may allocate no more GPU memory than it holds now: PyTorch's allocator raises its real
     out-of-memory error past that cap (``set_per_process_memory_fraction``), while other processes on the GPU (test
     workers) are untouched, as they would not be by a hog of the whole device."""
+    device = torch.cuda.current_device() if device.index is None else device.index  # the cap takes an index
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # no cached free block may serve the request
     total = torch.cuda.mem_get_info(device)[1]

@@ -128,8 +128,10 @@ def _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for first in range(0, num_splits, MERGE_SPLITS_AT_ONCE):
-        for s in tl.static_range(MERGE_SPLITS_AT_ONCE):
+    # Past 256 channels two splits at once: more [BLOCK_M, 512] float32 tiles in flight spill registers.
+    AT_ONCE: tl.constexpr = MERGE_SPLITS_AT_ONCE if BLOCK_D <= 256 else 2
+    for first in range(0, num_splits, AT_ONCE):
+        for s in tl.static_range(AT_ONCE):
             part = (pid_bh * num_splits + first + s) * num_rows + rows
             valid = row_valid & (part < (pid_bh + 1) * num_splits * num_rows)  # split first + s exists
             split_m = tl.load(part_ml_ptr + part * 2, mask=valid, other=float("-inf"), cache_modifier=".cg")
