@@ -102,13 +102,17 @@ def bench_decode(heads: tuple, batch: int, length: int) -> dict:
 
 def bench_prefill(batch: int, new: int, past: int) -> dict:
     _, num_heads, kv_heads, head_dim = LLAMA3_8B
-    query = torch.randn(batch, num_heads, new, head_dim, device="cuda", dtype=DTYPE)
+    # The query as a model hands it over ([batch, tokens, heads, head_dim] memory, viewed as [batch, heads, ...]), and
+    # SDPA's output made [batch, tokens, heads, head_dim] contiguous, as transformers' sdpa_attention_forward does:
+    # the layout every attention function returns.
+    query = torch.randn(batch, new, num_heads, head_dim, device="cuda", dtype=DTYPE).transpose(1, 2)
     key = torch.randn(batch, kv_heads, past + new, head_dim, device="cuda", dtype=DTYPE)
     value = torch.randn_like(key)
     causal = causal_lower_right(new, past + new)  # the new tokens are the last: what the cache's attention computes
 
     def sdpa():
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=causal, enable_gqa=True)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
 
     row = {"batch": batch, "tokens": new, "past": past, "sdpa_default_ms": _bench(sdpa)}
     # SDPA's default pick depends on the torch build and GPU: each fused backend pinned as well; None where it does
@@ -120,7 +124,7 @@ def bench_prefill(batch: int, new: int, past: int) -> dict:
                 row[field] = _bench(sdpa)
         except RuntimeError:
             row[field] = None
-    reference = sdpa().transpose(1, 2).float()
+    reference = sdpa().float()
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, past + new, mode, key, value)
         name = mode.short_name
