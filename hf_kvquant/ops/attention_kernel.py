@@ -176,7 +176,7 @@ def _attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
-    BULK_PHASE: tl.constexpr, DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, HAS_SINKS: tl.constexpr,
     SAME_LAYOUT: tl.constexpr,
 ):
     # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
@@ -214,9 +214,11 @@ def _attention_kernel(
     hi = tl.minimum(tl.minimum(lo + tokens_per_split, kv_len), last_pos + 1)
     if SLIDING:
         lo = tl.maximum(lo, (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N)
-    bulk_end = lo  # by default every tile masks positions (window edges, or a decode step's single loop)
-    if BULK_PHASE and not SLIDING:
-        # Whole tiles at or before the first row's position are visible to every row of the block.
+    # Whole tiles at or before the first row's position are visible to every row of the block: an unmasked loop over
+    # them, then a masked one over the rest (the diagonal, a split's last partial tile). Decode steps gain too: their
+    # loads then need no bounds (measured on the H200, eval/results/kernel_tuning.md). Window edges mask every tile.
+    bulk_end = lo
+    if not SLIDING:
         bulk_end = tl.maximum(lo, lo + (tl.minimum(hi, first_pos + 1) - lo) // BLOCK_N * BLOCK_N)
 
     k_base = b * k_sb + kv_head * k_sh + kv_start * k_st
@@ -227,7 +229,7 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if BULK_PHASE:
+    if not SLIDING:
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, q_pos, lo, bulk_end,
             k_ptr, v_ptr, k_base, k_st, v_base, v_st, ks_row, vs_row, mask_ptr, mask_base,
@@ -420,7 +422,7 @@ def quantized_attention(
             GROUP=group, HEAD_DIM_K=head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv,
             BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
-            SPLIT=splits > 1, BULK_PHASE=num_rows > _DECODE_ROWS,
+            SPLIT=splits > 1,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=key.length is not None,
             HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout,
         ),
