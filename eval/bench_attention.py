@@ -12,11 +12,12 @@ bf16 queries; Llama-3-8B heads (32 query / 8 KV heads, head_dim 128) unless a ro
   values as it picks by default and pinned to each fused backend;
 - the device's copy bandwidth, to read the decode times against.
 
-    python eval/bench_attention.py [--out-dir eval/results]
+    python eval/bench_attention.py [--out-dir eval/results]   # prints each row's JSON as it is measured
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -187,12 +188,11 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     out_dir = out_dir_argument(__doc__)
-    result = {
-        **environment("cuda"),
-        "copy_tb_per_s": copy_bandwidth()["tb_per_s"],
-        "decode": [bench_decode(*row) for row in DECODE_ROWS],
-        "prefill": [bench_prefill(*row) for row in PREFILL_ROWS],
-    }
+    result = {**environment("cuda"), "copy_tb_per_s": copy_bandwidth()["tb_per_s"], "decode": [], "prefill": []}
+    for kind, bench, rows in (("decode", bench_decode, DECODE_ROWS), ("prefill", bench_prefill, PREFILL_ROWS)):
+        for row in rows:
+            result[kind].append(bench(*row))
+            print(json.dumps(result[kind][-1]), flush=True)  # each row as it comes: a cut run keeps what it measured
     text = markdown(result)
     print(text)
     write_results(out_dir, "bench_attention", result, text)
