@@ -2,11 +2,10 @@
 (float32; on the CPU unless ``--device`` says otherwise) and run with `QuantizedPerTokenHeadCache`, growable and
 preallocated (``max_cache_len``), under the model's default attention and under hf_kvquant's, each run against a
 fake-quant reference: a transformers cache whose keys and values go through the same quantize-dequantize as ours,
-under the same attention. The check is therefore
-exact up to float32 summation order, whatever the sensitivity of a tiny random model to rounding. A last run holds
-hf_kvquant's attention against the model's own over a plain DynamicCache (no rounding in the way). Each run is a
-greedy generation of a left-padded batch of 2, then a teacher-forced forward (the prompt, then the generated tokens
-as one chunk). `run_architecture` lists the runs.
+under the same attention. The check is therefore exact up to float32 summation order, whatever the sensitivity of a
+tiny random model to rounding. A last run holds hf_kvquant's attention against the model's own over a plain
+DynamicCache (no rounding in the way). Each run is a greedy generation of a left-padded batch of 2, then a
+teacher-forced forward (the prompt, then the generated tokens as one chunk). `run_architecture` lists the runs.
 
 Every architecture ends in one class:
 
@@ -380,8 +379,8 @@ def _check(what: str, ours: _Outputs, reference: _Outputs, tolerance: float) -> 
 def run_architecture(name: str, device: str = "cpu") -> ZooResult:
     """Build ``name`` tiny on ``device``, run it, and classify it (see the module docstring). On a GPU, hf_kvquant's
     attention runs its Triton kernel (float32 queries: exact FMA dots), so the same checks hold the kernel to the
-    fake-quant reference. Raises AssertionError on a mismatch,
-    and lets any other error of a run with our cache propagate (a crash where DynamicCache works).
+    fake-quant reference. Raises AssertionError on a mismatch, and lets any other error of a run with our cache
+    propagate (a crash where DynamicCache works).
 
     The runs, each a greedy generation and a teacher-forced forward (over the tokens the plain cache generated):
 
@@ -425,15 +424,19 @@ def run_architecture(name: str, device: str = "cpu") -> ZooResult:
 
     result = ZooResult(name, "supported", layer_types=layer_types)
     refusals, notes = {}, []
+    static_failures_on_cpu = {}  # per attention (whatever the mode): asked once
     try:
         for attention, mode, preallocated in RUNS:
             run = _run_name(attention, mode, preallocated)
             attention = default_attention if attention == "default" else attention
             length = MAX_CACHE_LEN if preallocated else None
-            if preallocated and device != "cpu" and (failure := _static_failure_on_cpu(
-                    name, attention, input_ids, attention_mask, sequences, mask)):
-                notes.append(f"{run} left out: transformers' StaticCache fails: {failure}")
-                continue
+            if preallocated and device != "cpu":
+                if attention not in static_failures_on_cpu:
+                    static_failures_on_cpu[attention] = _static_failure_on_cpu(
+                        name, attention, input_ids, attention_mask, sequences, mask)
+                if failure := static_failures_on_cpu[attention]:
+                    notes.append(f"{run} left out: transformers' StaticCache fails: {failure}")
+                    continue
             if preallocated:
                 def reference_cache(mode=mode):
                     return FakeQuantStaticCache(model.config, mode, MAX_CACHE_LEN)
