@@ -531,6 +531,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.head_dim < 1:
         parser.error(f"--head-dim must be a positive number of channels; got {args.head_dim}")
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:  # else every architecture would read as skipped, its tiny config "not building"
+        parser.error(f"--device {args.device!r} is not a torch device: {e}")
     if args.head_dim != HEAD_DIM:
         for key in ("head_dim", "swa_head_dim"):
             TINY[key] = args.head_dim

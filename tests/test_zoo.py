@@ -78,6 +78,16 @@ def test_a_static_cache_failure_is_found_on_the_cpu_before_a_gpu_run():
     assert zoo._static_failure_on_cpu("llama", "sdpa", input_ids, attention_mask, None, None) is None
 
 
+
+@pytest.mark.parametrize(("argv", "message"), [(["--device", "foo"], "--device 'foo' is not a torch device"),
+                                               (["--head-dim", "0"], "--head-dim must be a positive number")])
+def test_bad_arguments_are_refused_before_any_architecture_runs(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["zoo.py", "llama", *argv])
+    with pytest.raises(SystemExit):
+        zoo.main()
+    captured = capsys.readouterr()
+    assert message in captured.err and "llama" not in captured.out
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["gpt_oss", "deepseek_v3", "qwen3_5_text", "phi", "cpmant"])
 def test_architecture_on_the_gpu(name):
