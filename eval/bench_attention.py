@@ -59,8 +59,9 @@ def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tens
     """QuantizedKV keys and values of a bf16 cache, quantized with the cache's own kernel."""
     kv_heads, head_dim = key.shape[1], key.shape[-1]
     shape = (batch, kv_heads, length)
-    key_data, value_data = (torch.empty(*shape, head_dim, device="cuda", dtype=mode.storage_dtype)
-                            for _ in range(2))
+    key_data = torch.empty(*shape, head_dim, device="cuda", dtype=mode.storage_dtype)
+    # values token-minor, as the cache stores them (hf_kvquant.cache.token_minor)
+    value_data = torch.empty(batch, kv_heads, head_dim, length, device="cuda", dtype=mode.storage_dtype).transpose(2, 3)
     key_scale, value_scale = (torch.empty(*shape, device="cuda") for _ in range(2))
     slots = torch.arange(length, device="cuda")
     quantize_into_triton(key, value, slots, (key_data, key_scale, value_data, value_scale), mode)

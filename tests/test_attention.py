@@ -12,6 +12,7 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 
 from hf_kvquant import KVQuantMode, QuantizedKV, hf_kvquant_attention
+from hf_kvquant.cache import token_minor as token_minor_codes
 from hf_kvquant.integration import attend_quantized
 from hf_kvquant.ops.reference import attention_reference, quantize_reference
 from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
@@ -30,10 +31,11 @@ QUERY_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if HAS_CUDA else [
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
-def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=torch.float32, hadamard=False):
+def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=torch.float32, hadamard=False,
+               token_minor=False):
     """Random keys/values quantized into buffers with a used prefix and spare slots, as in the cache; with
     ``hadamard``, quantized after the rotation (``x @ R``) and handed over with ``R``, as a ``hadamard=True`` cache
-    does."""
+    does; with ``token_minor``, codes stored as the cache stores values (`hf_kvquant.cache.token_minor`)."""
     x = torch.randn(batch, kv_heads, kv_len, head_dim) * torch.rand(batch, kv_heads, kv_len, 1) * 4
     x[..., 3] *= 20  # an outlier channel, as in real keys
     rotation = hadamard_matrix(head_dim) if hadamard else None
@@ -43,6 +45,8 @@ def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=
     scales = torch.full((batch, kv_heads, capacity), 1e3)  # garbage outside [start, start + kv_len)
     data.view(torch.uint8)[:, :, start : start + kv_len] = q.view(torch.uint8)
     scales[:, :, start : start + kv_len] = scale
+    if token_minor:
+        data = token_minor_codes(data)
     rotation = None if rotation is None else hadamard_matrix(head_dim, DEVICE)
     return QuantizedKV(data.to(DEVICE), scales.to(DEVICE), start, start + kv_len, mode, dtype, rotation)
 
@@ -62,7 +66,7 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
     value_head_dim = head_dim if value_head_dim is None else value_head_dim
     torch.manual_seed(hash((batch, heads, q_len, kv_len, head_dim, value_head_dim)) % 2**31)
     key = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype, hadamard=hadamard)
-    value = _quantized(batch, kv_heads, kv_len, value_head_dim, mode, dtype=dtype, hadamard=hadamard)
+    value = _quantized(batch, kv_heads, kv_len, value_head_dim, mode, dtype=dtype, hadamard=hadamard, token_minor=True)
     query = torch.randn(batch, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
     mask = _left_padding(batch, kv_len, pads) if pads else None
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)
@@ -148,9 +152,13 @@ def test_live_length_on_the_device(mode, q_len, live, capacity, window):
     assert error <= TOLERANCE[dtype] * expected.abs().max().item(), f"max error {error}"
 
 
-def _random_quantized(batch, kv_heads, kv_len, head_dim, mode):
-    """Random stored values and scales straight on the GPU (too large to quantize on the host)."""
-    data = torch.randint(-128, 128, (batch, kv_heads, kv_len, head_dim), device="cuda", dtype=torch.int8)
+def _random_quantized(batch, kv_heads, kv_len, head_dim, mode, token_minor=False):
+    """Random stored values and scales straight on the GPU (too large to quantize on the host); with ``token_minor``,
+    stored as the cache stores values."""
+    shape = (batch, kv_heads, head_dim, kv_len) if token_minor else (batch, kv_heads, kv_len, head_dim)
+    data = torch.randint(-128, 128, shape, device="cuda", dtype=torch.int8)
+    if token_minor:
+        data = data.transpose(2, 3)
     if mode is not KVQuantMode.INT8_PER_TOKEN_HEAD:
         data = (data.view(torch.uint8) & 0xBF).view(mode.storage_dtype)  # e4m3 exponents up to 7: no NaN bytes
     scale = torch.rand(batch, kv_heads, kv_len, device="cuda") + 0.1
@@ -169,7 +177,7 @@ def test_decode_at_scale(mode, batch, heads, kv_heads, kv_len):
     (offsets past int32). Checked against the reference for the first and last sequence of the batch."""
     torch.manual_seed(0)
     key = _random_quantized(batch, kv_heads, kv_len, 128, mode)
-    value = _random_quantized(batch, kv_heads, kv_len, 128, mode)
+    value = _random_quantized(batch, kv_heads, kv_len, 128, mode, token_minor=True)
     # Scores with a standard deviation of about 3: neither uniform nor one-hot over the 128k tokens.
     key_size = (key.data[0, 0, :4096].float() * key.scale[0, 0, :4096, None]).std().item()
     query = (torch.randn(batch, heads, 1, 128, device="cuda") * (3 / key_size)).to(torch.bfloat16)
@@ -390,10 +398,12 @@ def test_compiled_operator_output_has_the_values_head_dim(value_head_dim):
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
 @pytest.mark.parametrize("q_len,kv_len", [(1, 60), (20, 20)])
-def test_keys_and_values_of_one_head_dim_in_buffers_of_other_strides(mode, q_len, kv_len):
-    # Same head_dim, different buffer capacities: the kernel reads each with its own strides.
-    key = _quantized(2, 2, kv_len, 80, mode, spare=7)
-    value = _quantized(2, 2, kv_len, 80, mode, spare=30)
+@pytest.mark.parametrize("token_minor", ["values", "keys", "neither"])
+def test_keys_and_values_of_one_head_dim_in_buffers_of_other_strides(mode, q_len, kv_len, token_minor):
+    # Same head_dim, different buffer capacities and layouts (the cache stores values token-minor; the kernel takes
+    # either for either): the kernel reads each with its own strides.
+    key = _quantized(2, 2, kv_len, 80, mode, spare=7, token_minor=token_minor == "keys")
+    value = _quantized(2, 2, kv_len, 80, mode, spare=30, token_minor=token_minor == "values")
     assert key.data.stride() != value.data.stride()
     query = torch.randn(2, 4, q_len, 80, device=DEVICE)
     out = quantized_attention(query, key, value)

@@ -113,12 +113,21 @@ class TwinLayer:
         assert torch.equal(ok, readback(hk, self.mode, k.dtype, self.hadamard))
         assert torch.equal(ov, readback(hv, self.mode, v.dtype, self.hadamard))
         assert self.ours.get_seq_length() == self.hf.get_seq_length()
+        self.check_layout()
         return ok, ov
 
     def apply(self, name, *args):
         getattr(self.ours, name)(*args)
         getattr(self.hf, name)(*args)
         assert self.ours.get_seq_length() == self.hf.get_seq_length()
+        self.check_layout()
+
+    def check_layout(self):
+        """Value codes token-minor (what the attention kernel reads fastest), key codes head_dim-minor, whatever the
+        operation (growth, compaction, reorder, batch selection) that made the buffers."""
+        if self.ours.is_initialized and self.ours.capacity > 1:
+            assert self.ours.value_data.stride()[2:] == (1, self.ours.capacity)
+            assert self.ours.key_data.stride(-1) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 
 from hf_kvquant import KVQuantMode, QuantizedKV, ops
+from hf_kvquant.cache import token_minor as token_minor_codes
 from hf_kvquant.ops.reference import attention_reference, dequantize, quantize_reference
 
 pytest.importorskip("triton", reason="the dequantize kernel's tests need Triton")
@@ -18,14 +19,17 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.float16]
 
 
-def _quantized(batch, heads, tokens, head_dim, mode, start, spare=3, seed=0, outlier=True):
+def _quantized(batch, heads, tokens, head_dim, mode, start, spare=3, seed=0, outlier=True, token_minor=False):
     """Random values quantized by the reference into buffers with ``start`` used slots before them and ``spare`` after
-    (garbage bytes there), handed over as the window ``[start, start + tokens)``."""
+    (garbage bytes there), handed over as the window ``[start, start + tokens)``; with ``token_minor``, stored as the
+    cache stores values."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, heads, start + tokens + spare, head_dim, generator=generator) * 3
     if outlier:
         x[..., 1] *= 20  # an outlier channel, as in real keys
     data, scale = quantize_reference(x, mode)
+    if token_minor:
+        data = token_minor_codes(data)
     kv = QuantizedKV(data.to(DEVICE), scale.to(DEVICE), start, start + tokens, mode, torch.float32)
     return kv, data[:, :, start : start + tokens], scale[:, :, start : start + tokens]
 
@@ -34,8 +38,9 @@ def _quantized(batch, heads, tokens, head_dim, mode, start, spare=3, seed=0, out
 @pytest.mark.parametrize("dtype", OUT_DTYPES, ids=str)
 @pytest.mark.parametrize(("batch", "heads", "tokens", "head_dim", "start"),
                          [(1, 1, 1, 64, 0), (2, 3, 37, 80, 5), (1, 2, 300, 128, 17), (2, 1, 9, 256, 2)])
-def test_dequantize_window_equals_reference(mode, dtype, batch, heads, tokens, head_dim, start):
-    kv, data, scale = _quantized(batch, heads, tokens, head_dim, mode, start)
+@pytest.mark.parametrize("token_minor", [False, True], ids=["head_dim-minor", "token-minor"])
+def test_dequantize_window_equals_reference(mode, dtype, batch, heads, tokens, head_dim, start, token_minor):
+    kv, data, scale = _quantized(batch, heads, tokens, head_dim, mode, start, token_minor=token_minor)
     out = dequantize_window(kv, dtype)
     expected = dequantize(data, scale, dtype)
     assert out.shape == (batch, heads, tokens, head_dim) and out.dtype == dtype and out.is_contiguous()
@@ -60,7 +65,7 @@ SDPA_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3
 def test_attention_through_sdpa_equals_reference(mode, batch, heads, kv_heads, q_len, kv_len, head_dim):
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     key, _, _ = _quantized(batch, kv_heads, kv_len, head_dim, mode, start=3, seed=1)
-    value, _, _ = _quantized(batch, kv_heads, kv_len, head_dim, mode, start=3, seed=2)
+    value, _, _ = _quantized(batch, kv_heads, kv_len, head_dim, mode, start=3, seed=2, token_minor=True)
     query = torch.randn(batch, heads, q_len, head_dim, generator=torch.Generator().manual_seed(3))
     query = query.to(DEVICE, dtype)
     out = ops.attention_through_sdpa(query, key, value)
@@ -76,7 +81,8 @@ def _prefill(q_len, past, dtype=torch.bfloat16):
     """Without an outlier channel: scores of a few units, whose bf16 rounding of the keys (the route's, not the
     kernel's) moves them by about 2**-9 of that."""
     key, _, _ = _quantized(1, 2, past + q_len, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, start=0, seed=4, outlier=False)
-    value, _, _ = _quantized(1, 2, past + q_len, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, start=0, seed=5, outlier=False)
+    value, _, _ = _quantized(1, 2, past + q_len, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, start=0, seed=5, outlier=False,
+                              token_minor=True)
     query = torch.randn(1, 4, q_len, 64, device=DEVICE, dtype=dtype)
     return query, key, value
 

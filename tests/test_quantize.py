@@ -7,6 +7,7 @@ from conftest import HAS_CUDA, HAS_TRITON, filled_buffers, requires_cuda, requir
 
 import hf_kvquant.ops as ops
 from hf_kvquant import KVQuantMode
+from hf_kvquant.cache import token_minor
 from hf_kvquant.modes import SCALE_FLOOR
 from hf_kvquant.ops import quantize_into
 from hf_kvquant.ops.reference import dequantize, quantize_into_reference, quantize_reference
@@ -267,10 +268,14 @@ SENTINEL_SCALE = -123.25
 
 
 def _sentinel_buffers(batch, heads, capacity, head_dim, mode, seed):
+    """Buffers of random bytes and sentinel scales; the value codes token-minor, as the cache stores them."""
     g = torch.Generator().manual_seed(seed)
     bufs = []
-    for _ in range(2):
+    for which in range(2):
         data = torch.randint(0, 256, (batch, heads, capacity, head_dim), generator=g, dtype=torch.uint8)
+        if which == 1:
+            data = token_minor(data)
+            assert data.stride(-2) == 1
         bufs.append(data.view(mode.storage_dtype))
         bufs.append(torch.full((batch, heads, capacity), SENTINEL_SCALE, dtype=torch.float32))
     return bufs  # key_data, key_scale, value_data, value_scale

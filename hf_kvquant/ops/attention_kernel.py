@@ -14,6 +14,10 @@ across programs as well (flash-decoding); the last program of a row block to fin
 softmaxes, in the same launch (one launch per call: in eager decoding the host's launch time is what
 small batches wait on). Tuning measurements: eval/results/kernel_tuning.md.
 
+Codes are read through all four of their strides. The cache stores values token-minor (`hf_kvquant.cache.token_minor`):
+P.V sums over tokens, and 8-bit tensor-core operands need the summed dimension contiguous, so a head_dim-minor value
+tile is gathered from shared memory one byte per instruction, a token-minor one a word at a time.
+
 Any head_dim up to `MAX_KERNEL_HEAD_DIM` (512): tiles are padded to the next power of two (at least 16, the smallest
 ``tl.dot``) and masked. Keys (and queries) and values may have different head dims (MLA); the output has the values'.
 Heads wider than 256 take fewer tokens and rows per tile (`_block_sizes`), so their tiles fit where 256's did.
@@ -66,7 +70,7 @@ def _load_tile(ptrs, col_valid, d_valid, WHOLE: tl.constexpr, PAD_D: tl.constexp
 @triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q, q_pos, lo, hi,
-    k_ptr, v_ptr, k_base, k_st, v_base, v_st, ks_row, vs_row, mask_ptr, mask_base,
+    k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
     qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
     POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD_DK: tl.constexpr, PAD_DV: tl.constexpr,
@@ -78,11 +82,11 @@ def _attend_tiles(
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_valid = cols < hi
-        k_offsets = k_base + cols[:, None] * k_st + offs_dk[None, :]
+        k_offsets = k_base + cols[:, None] * k_st + offs_dk[None, :] * k_sd
         if SAME_LAYOUT:
             v_offsets = k_offsets
         else:
-            v_offsets = v_base + cols[:, None] * v_st + offs_dv[None, :]
+            v_offsets = v_base + cols[:, None] * v_st + offs_dv[None, :] * v_sd
         # int8/e4m3 -> float32 -> query dtype: exact, the fastest route measured, the one the interpreter gets right.
         k = _load_tile(k_ptr + k_offsets, col_valid, dk_valid, not POSITION_MASK, PAD_DK).to(tl.float32).to(q.dtype)
         if POSITION_MASK:
@@ -164,8 +168,8 @@ def _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid
 @triton.jit
 def _attention_kernel(
     q_ptr, q_sb, q_sh, q_st,
-    k_ptr, k_sb, k_sh, k_st,
-    v_ptr, v_sb, v_sh, v_st,
+    k_ptr, k_sb, k_sh, k_st, k_sd,
+    v_ptr, v_sb, v_sh, v_st, v_sd,
     ks_ptr, ks_sb, ks_sh,
     vs_ptr, vs_sb, vs_sh,
     mask_ptr, mask_sb,
@@ -232,13 +236,13 @@ def _attention_kernel(
     if not SLIDING:
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, q_pos, lo, bulk_end,
-            k_ptr, v_ptr, k_base, k_st, v_base, v_st, ks_row, vs_row, mask_ptr, mask_base,
+            k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
             qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
             BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
             SAME_LAYOUT)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, bulk_end, hi,
-        k_ptr, v_ptr, k_base, k_st, v_base, v_st, ks_row, vs_row, mask_ptr, mask_base,
+        k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
         qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
         BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
         SAME_LAYOUT)
@@ -398,9 +402,9 @@ def quantized_attention(
         padding_mask = padding_mask.view(torch.uint8)  # same bytes, a pointer type Triton loads
 
     q_sb, q_sh, q_st, _ = query.stride()
-    k_sb, k_sh, k_st, _ = key.data.stride()
-    v_sb, v_sh, v_st, _ = value.data.stride()
-    same_layout = head_dim == value_head_dim and (k_sb, k_sh, k_st) == (v_sb, v_sh, v_st)
+    k_sb, k_sh, k_st, k_sd = key.data.stride()
+    v_sb, v_sh, v_st, v_sd = value.data.stride()
+    same_layout = head_dim == value_head_dim and key.data.stride() == value.data.stride()
     ks_sb, ks_sh, _ = key.scale.stride()
     vs_sb, vs_sh, _ = value.scale.stride()
     o_sb, o_st, o_sh = q_len * heads * value_head_dim, heads * value_head_dim, value_head_dim  # out is contiguous
@@ -408,8 +412,8 @@ def quantized_attention(
         (row_blocks, batch * kv_heads, splits),
         (
             query, q_sb, q_sh, q_st,
-            key.data, k_sb, k_sh, k_st,
-            value.data, v_sb, v_sh, v_st,
+            key.data, k_sb, k_sh, k_st, k_sd,
+            value.data, v_sb, v_sh, v_st, v_sd,
             key.scale, ks_sb, ks_sh,
             value.scale, vs_sb, vs_sh,
             out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),

@@ -22,7 +22,7 @@ _NUM_WARPS = 4
 
 @triton.jit
 def _dequantize_kernel(
-    data_ptr, d_sb, d_sh, d_st,
+    data_ptr, d_sb, d_sh, d_st, d_sd,
     scale_ptr, s_sb, s_sh,
     out_ptr, start, tokens, heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -36,7 +36,8 @@ def _dequantize_kernel(
     t_valid = offs_t < tokens
     valid = t_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     slots = (start + offs_t).to(tl.int64)
-    codes = tl.load(data_ptr + b * d_sb + h * d_sh + slots[:, None] * d_st + offs_d[None, :], mask=valid)
+    codes = tl.load(data_ptr + b * d_sb + h * d_sh + slots[:, None] * d_st + offs_d[None, :] * d_sd,
+                    mask=valid)
     scale = tl.load(scale_ptr + b * s_sb + h * s_sh + slots, mask=t_valid, other=0.0)
     x = codes.to(tl.float32) * scale[:, None]
     rows = pid_bh.to(tl.int64) * tokens + offs_t  # out is contiguous [batch, heads, tokens, head_dim]
@@ -55,15 +56,15 @@ def dequantize_window(kv: QuantizedKV, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(batch, heads, tokens, head_dim, device=kv.data.device, dtype=dtype)
     if out.numel() == 0:
         return out
-    if kv.data.stride(-1) != 1 or kv.scale.stride(-1) != 1:
-        raise ValueError("dequantize_window needs head_dim contiguous codes and token-contiguous scales")
+    if kv.scale.stride(-1) != 1:
+        raise ValueError("dequantize_window needs token-contiguous scales")
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_t = max(1, _TILE_ELEMENTS // block_d)
-    d_sb, d_sh, d_st, _ = kv.data.stride()
+    d_sb, d_sh, d_st, d_sd = kv.data.stride()
     s_sb, s_sh, _ = kv.scale.stride()
     _launch_dequantize(
         (triton.cdiv(tokens, block_t), batch * heads),
-        (kv.data, d_sb, d_sh, d_st, kv.scale, s_sb, s_sh, out, kv.start, tokens, heads),
+        (kv.data, d_sb, d_sh, d_st, d_sd, kv.scale, s_sb, s_sh, out, kv.start, tokens, heads),
         dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t),
         num_warps=_NUM_WARPS,
     )

@@ -58,7 +58,7 @@ def _fp8_e4m3_bits(x):
 @triton.jit
 def _quantize_tile(
     src_ptr, stride_sb, stride_sh, stride_st,
-    data_ptr, stride_db, stride_dh, stride_dt,
+    data_ptr, stride_db, stride_dh, stride_dt, stride_dd,
     scale_ptr, stride_cb, stride_ch,
     b, h, tokens, slots, token_mask,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -87,7 +87,8 @@ def _quantize_tile(
             q = scaled.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     else:
         tl.static_assert(False, "unknown storage format")
-    tl.store(data_ptr + b * stride_db + h * stride_dh + slots[:, None] * stride_dt + offs_d[None, :], q, mask=mask)
+    tl.store(data_ptr + b * stride_db + h * stride_dh + slots[:, None] * stride_dt + offs_d[None, :] * stride_dd, q,
+             mask=mask)
     tl.store(scale_ptr + b * stride_cb + h * stride_ch + slots, scale, mask=token_mask)
 
 
@@ -96,8 +97,8 @@ def _quantize_kv_kernel(
     k_ptr, k_sb, k_sh, k_st,
     v_ptr, v_sb, v_sh, v_st,
     slots_ptr,
-    kd_ptr, kd_sb, kd_sh, kd_st,
-    vd_ptr, vd_sb, vd_sh, vd_st,
+    kd_ptr, kd_sb, kd_sh, kd_st, kd_sd,
+    vd_ptr, vd_sb, vd_sh, vd_st, vd_sd,
     ks_ptr, vs_ptr, s_sb, s_sh,
     num_heads, num_tokens,
     HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -112,9 +113,9 @@ def _quantize_kv_kernel(
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < num_tokens
     slots = tl.load(slots_ptr + tokens, mask=token_mask, other=0)
-    _quantize_tile(k_ptr, k_sb, k_sh, k_st, kd_ptr, kd_sb, kd_sh, kd_st, ks_ptr, s_sb, s_sh,
+    _quantize_tile(k_ptr, k_sb, k_sh, k_st, kd_ptr, kd_sb, kd_sh, kd_st, kd_sd, ks_ptr, s_sb, s_sh,
                    b, h, tokens, slots, token_mask, HEAD_DIM_K, BLOCK_DK, QMAX, FLOOR, FORMAT, INTERPRETED)
-    _quantize_tile(v_ptr, v_sb, v_sh, v_st, vd_ptr, vd_sb, vd_sh, vd_st, vs_ptr, s_sb, s_sh,
+    _quantize_tile(v_ptr, v_sb, v_sh, v_st, vd_ptr, vd_sb, vd_sh, vd_st, vd_sd, vs_ptr, s_sb, s_sh,
                    b, h, tokens, slots, token_mask, HEAD_DIM_V, BLOCK_DV, QMAX, FLOOR, FORMAT, INTERPRETED)
 
 
@@ -155,8 +156,8 @@ def quantize_into_triton(
             key, key.stride(0), key.stride(1), key.stride(2),
             value, value.stride(0), value.stride(1), value.stride(2),
             slots,
-            kd, kd.stride(0), kd.stride(1), kd.stride(2),
-            vd, vd.stride(0), vd.stride(1), vd.stride(2),
+            kd, *kd.stride(),
+            vd, *vd.stride(),
             key_scale, value_scale, key_scale.stride(0), key_scale.stride(1),
             num_heads, num_tokens,
         ),

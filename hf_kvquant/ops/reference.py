@@ -46,8 +46,9 @@ def quantize_reference(x: torch.Tensor, mode: KVQuantMode) -> tuple[torch.Tensor
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q[..., head_dim] * scale[...]`` in float32, returned as ``dtype``."""
-    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+    """``q[..., head_dim] * scale[...]`` in float32, returned as ``dtype``, contiguous (value codes are stored
+    token-minor: what follows, such as the Hadamard un-rotation, then runs as over any other tensor)."""
+    return (q.contiguous().float() * scale.unsqueeze(-1)).to(dtype)
 
 
 def quantize_into_reference(
