@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from hf_kvquant import KVQuantMode, QuantizedKV
+from hf_kvquant.cache import token_minor_zeros
 from hf_kvquant.ops import attention
 from hf_kvquant.ops.attention_kernel import quantized_attention
 from hf_kvquant.ops.quantize_kernel import quantize_into_triton
@@ -60,8 +61,7 @@ def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tens
     kv_heads, head_dim = key.shape[1], key.shape[-1]
     shape = (batch, kv_heads, length)
     key_data = torch.empty(*shape, head_dim, device="cuda", dtype=mode.storage_dtype)
-    # values token-minor, as the cache stores them (hf_kvquant.cache.token_minor)
-    value_data = torch.empty(batch, kv_heads, head_dim, length, device="cuda", dtype=mode.storage_dtype).transpose(2, 3)
+    value_data = token_minor_zeros(batch, kv_heads, length, head_dim, mode.storage_dtype, "cuda")  # as the cache does
     key_scale, value_scale = (torch.empty(*shape, device="cuda") for _ in range(2))
     slots = torch.arange(length, device="cuda")
     quantize_into_triton(key, value, slots, (key_data, key_scale, value_data, value_scale), mode)

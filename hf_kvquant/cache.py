@@ -2,8 +2,9 @@
 
 Each layer owns four buffers, ``key/value_data [batch, kv_heads, capacity, head_dim]`` (int8 or
 float8_e4m3fn) and ``key/value_scale [batch, kv_heads, capacity]`` (float32), and never keeps a
-full-precision copy of the past. The value codes are stored token-minor (`token_minor`): the attention
-kernel's P.V then reads each channel's codes for 4 consecutive tokens as one word. Slots ``[0, stored)`` hold
+full-precision copy of the past. Where the window handed to attention starts at slot 0 (all but the compacting
+sliding-window layer), value codes are stored token-minor (`token_minor_zeros`): the attention kernel's P.V then
+reads each channel's codes for 4 consecutive tokens as one word. Slots ``[0, stored)`` hold
 the latest ``stored`` tokens in position order. Three layer classes:
 
 * `QuantizedPerTokenHeadLayer` (full attention) grows its capacity in steps of a small fraction of the length (never
@@ -79,17 +80,31 @@ def _check_hadamard(hadamard) -> bool:
     return hadamard
 
 
-def token_minor(t: torch.Tensor) -> torch.Tensor:
-    """``t [batch, kv_heads, tokens, codes]`` with the tokens adjacent in memory (a transposed view of a contiguous
-    ``[batch, kv_heads, codes, tokens]``): how value codes are stored. ``t`` itself where it already is; a copy
-    otherwise.
+# Slots per row of value codes are padded to this: every row starts 16-byte aligned, so that the kernels' loads along
+# the tokens are vectorized.
+_TOKEN_ROW_ALIGNMENT = 16
+
+
+def token_minor_zeros(batch: int, heads: int, capacity: int, codes: int, dtype: torch.dtype,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Zeros ``[batch, kv_heads, capacity, codes]`` stored token-minor: a transposed view of ``[batch, kv_heads, codes,
+    capacity rounded up to 16]``. How value codes are stored.
 
     P.V sums over tokens. With codes of consecutive tokens adjacent, the attention kernel hands the 8-bit values to
     the tensor cores as whole words; stored head_dim-minor, they are gathered byte by byte from shared memory (decode
     on an H200: INT8 (8, 32k) 0.77x -> 0.66x SDPA's time, eval/results/kernel_tuning.md)."""
-    if t.stride(-2) == 1 or t.shape[-2] <= 1:
+    rows = torch.zeros(batch, heads, codes, _round_up(capacity, _TOKEN_ROW_ALIGNMENT), dtype=dtype, device=device)
+    return rows[..., :capacity].transpose(2, 3)
+
+
+def token_minor(t: torch.Tensor) -> torch.Tensor:
+    """``t [batch, kv_heads, tokens, codes]`` as `token_minor_zeros` stores it: ``t`` itself where it already is, a copy
+    otherwise."""
+    if t.stride(-2) == 1 and t.stride(-1) % _TOKEN_ROW_ALIGNMENT == 0:
         return t
-    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out = token_minor_zeros(*t.shape, dtype=t.dtype, device=t.device)
+    _as_bytes(out).copy_(_as_bytes(t))
+    return out
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -106,6 +121,8 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
     is_sliding = False
+    # Value codes stored token-minor (`token_minor_zeros`): the views handed to attention start at slot 0.
+    values_token_minor = True
 
     def __init__(self, mode: KVQuantMode | str, hadamard: bool = False):
         super().__init__()
@@ -175,8 +192,9 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
             new = (
                 torch.zeros(batch, heads, capacity, key_codes, dtype=spec.storage_dtype, device=self.device),
                 torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
-                torch.zeros(batch, heads, value_codes, capacity, dtype=spec.storage_dtype,
-                            device=self.device).transpose(2, 3),  # token_minor
+                token_minor_zeros(batch, heads, capacity, value_codes, spec.storage_dtype, self.device)
+                if self.values_token_minor else
+                torch.zeros(batch, heads, capacity, value_codes, dtype=spec.storage_dtype, device=self.device),
                 torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
             )
         except torch.OutOfMemoryError as e:
@@ -351,7 +369,8 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
 
     def _replace_buffers(self, fn) -> None:
         new = [fn(_as_bytes(t)).view(t.dtype) for t in self.buffers]
-        new[2] = token_minor(new[2])
+        if self.values_token_minor:
+            new[2] = token_minor(new[2])
         self.key_data, self.key_scale, self.value_data, self.value_scale = new
 
     def offload(self):
@@ -371,6 +390,9 @@ class QuantizedPerTokenHeadSlidingWindowLayer(QuantizedPerTokenHeadLayer):
     """
 
     is_sliding = True
+    # The window it hands over starts at a slot that moves by one per step: token-minor value rows would mostly start
+    # off their 16-byte alignment, where the kernel's loads along tokens go byte by byte (and head_dim 512 spills).
+    values_token_minor = False
 
     def __init__(self, mode: KVQuantMode | str, sliding_window: int, hadamard: bool = False):
         super().__init__(mode, hadamard=hadamard)

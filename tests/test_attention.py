@@ -65,8 +65,11 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
     un-rotated) keys and values. Values have ``value_head_dim`` channels (default: the keys' ``head_dim``)."""
     value_head_dim = head_dim if value_head_dim is None else value_head_dim
     torch.manual_seed(hash((batch, heads, q_len, kv_len, head_dim, value_head_dim)) % 2**31)
-    key = _quantized(batch, kv_heads, kv_len, head_dim, mode, dtype=dtype, hadamard=hadamard)
-    value = _quantized(batch, kv_heads, kv_len, value_head_dim, mode, dtype=dtype, hadamard=hadamard, token_minor=True)
+    # Values token-minor in a window from a 16-aligned slot, as full-attention and preallocated layers hand them over
+    # (`hf_kvquant.cache.token_minor_zeros`); other starts and layouts: test_keys_and_values_of_one_head_dim_in_...
+    key = _quantized(batch, kv_heads, kv_len, head_dim, mode, start=16, dtype=dtype, hadamard=hadamard)
+    value = _quantized(batch, kv_heads, kv_len, value_head_dim, mode, start=16, dtype=dtype, hadamard=hadamard,
+                       token_minor=True)
     query = torch.randn(batch, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
     mask = _left_padding(batch, kv_len, pads) if pads else None
     options = dict(scaling=scaling, sliding_window=sliding_window, softcap=softcap)

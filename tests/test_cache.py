@@ -123,10 +123,15 @@ class TwinLayer:
         self.check_layout()
 
     def check_layout(self):
-        """Value codes token-minor (what the attention kernel reads fastest), key codes head_dim-minor, whatever the
-        operation (growth, compaction, reorder, batch selection) that made the buffers."""
+        """Value codes token-minor with 16-byte aligned rows (what the attention kernel reads fastest) where the window
+        starts at slot 0, head_dim-minor in the sliding layer (whose window start moves); key codes head_dim-minor;
+        whatever the operation (growth, compaction, reorder, batch selection) that made the buffers."""
         if self.ours.is_initialized and self.ours.capacity > 1:
-            assert self.ours.value_data.stride()[2:] == (1, self.ours.capacity)
+            values = self.ours.value_data
+            if self.ours.is_sliding:
+                assert values.stride(-1) == 1
+            else:
+                assert values.stride(2) == 1 and values.stride(3) % 16 == 0
             assert self.ours.key_data.stride(-1) == 1
 
 
