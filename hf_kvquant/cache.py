@@ -198,7 +198,9 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
                 torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
             )
         except torch.OutOfMemoryError as e:
-            asked = batch * heads * capacity * ((key_codes + value_codes) * spec.storage_dtype.itemsize + 8)
+            value_slots = _round_up(capacity, _TOKEN_ROW_ALIGNMENT) if self.values_token_minor else capacity
+            asked = batch * heads * ((capacity * key_codes + value_slots * value_codes) * spec.storage_dtype.itemsize
+                                     + capacity * 8)
             head_dims = f"head_dim {key_head_dim}" + (
                 "" if key_head_dim == value_head_dim else f" (keys) / {value_head_dim} (values)")
             raise torch.OutOfMemoryError(
