@@ -150,9 +150,10 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes this layer holds on its device: allocated capacity, scales included (the Hadamard matrix of a
-        ``hadamard=True`` layer is shared by all layers and caches and not counted)."""
-        return sum(t.nbytes for t in self.buffers)
+        """Bytes this layer holds on its device: allocated capacity, scales included, and the padding of token-minor
+        value rows to 16 slots (the Hadamard matrix of a ``hadamard=True`` layer is shared by all layers and caches and
+        not counted)."""
+        return sum(t.untyped_storage().nbytes() for t in self.buffers)
 
     @property
     def head_dims(self) -> tuple[int, int]:

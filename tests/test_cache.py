@@ -396,7 +396,9 @@ def test_max_cache_len_preallocates_and_never_grows(mode):
     assert layer.get_max_length() == max_len
     ptrs = [t.data_ptr() for t in layer.buffers]
     nbytes = cache.nbytes
-    assert nbytes == 2 * (2 * 2 * max_len * 64 * 1 + 2 * 2 * max_len * 4)
+    value_slots = -(-max_len // 16) * 16  # token-minor value rows padded to 16 slots
+    # batch 2 x 2 heads: key codes, value codes (1 byte each, 64 per slot), two float32 scales per slot
+    assert nbytes == 2 * 2 * (max_len * 64 + value_slots * 64 + 2 * max_len * 4)
     for n in [1] * 21 + [5, 7]:  # exactly max_len tokens in all
         k, v = tokens(n)
         written_k.append(k)
