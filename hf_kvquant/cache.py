@@ -85,6 +85,11 @@ def _check_hadamard(hadamard) -> bool:
 _TOKEN_ROW_ALIGNMENT = 16
 
 
+def _token_row_slots(capacity: int) -> int:
+    """Slots a token-minor row of ``capacity`` slots takes in memory."""
+    return _round_up(capacity, _TOKEN_ROW_ALIGNMENT)
+
+
 def token_minor_zeros(batch: int, heads: int, capacity: int, codes: int, dtype: torch.dtype,
                       device: torch.device | str | None = None) -> torch.Tensor:
     """Zeros ``[batch, kv_heads, capacity, codes]`` stored token-minor: a transposed view of ``[batch, kv_heads, codes,
@@ -93,7 +98,7 @@ def token_minor_zeros(batch: int, heads: int, capacity: int, codes: int, dtype: 
     P.V sums over tokens. With codes of consecutive tokens adjacent, the attention kernel hands the 8-bit values to
     the tensor cores as whole words; stored head_dim-minor, they are gathered byte by byte from shared memory (decode
     on an H200: INT8 (8, 32k) 0.77x -> 0.66x SDPA's time, eval/results/kernel_tuning.md)."""
-    rows = torch.zeros(batch, heads, codes, _round_up(capacity, _TOKEN_ROW_ALIGNMENT), dtype=dtype, device=device)
+    rows = torch.zeros(batch, heads, codes, _token_row_slots(capacity), dtype=dtype, device=device)
     return rows[..., :capacity].transpose(2, 3)
 
 
@@ -199,7 +204,7 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
                 torch.zeros(batch, heads, capacity, dtype=torch.float32, device=self.device),
             )
         except torch.OutOfMemoryError as e:
-            value_slots = _round_up(capacity, _TOKEN_ROW_ALIGNMENT) if self.values_token_minor else capacity
+            value_slots = _token_row_slots(capacity) if self.values_token_minor else capacity
             asked = batch * heads * ((capacity * key_codes + value_slots * value_codes) * spec.storage_dtype.itemsize
                                      + capacity * 8)
             head_dims = f"head_dim {key_head_dim}" + (

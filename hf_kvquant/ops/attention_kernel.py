@@ -14,9 +14,11 @@ across programs as well (flash-decoding); the last program of a row block to fin
 softmaxes, in the same launch (one launch per call: in eager decoding the host's launch time is what
 small batches wait on). Tuning measurements: eval/results/kernel_tuning.md.
 
-Codes are read through all four of their strides. The cache stores values token-minor (`hf_kvquant.cache.token_minor`):
-P.V sums over tokens, and 8-bit tensor-core operands need the summed dimension contiguous, so a head_dim-minor value
-tile is gathered from shared memory one byte per instruction, a token-minor one a word at a time.
+Codes are read through all four of their strides. Full-attention and preallocated cache layers store values
+token-minor (`hf_kvquant.cache.token_minor_zeros`): P.V sums over tokens, and 8-bit tensor-core operands need the
+summed dimension contiguous, so a head_dim-minor value tile is gathered from shared memory one byte per instruction, a
+token-minor one a word at a time (from 16-byte aligned rows; a window starting off that alignment loses it, hence the
+compacting sliding-window layer keeps head_dim-minor values).
 
 Any head_dim up to `MAX_KERNEL_HEAD_DIM` (512): tiles are padded to the next power of two (at least 16, the smallest
 ``tl.dot``) and masked. Keys (and queries) and values may have different head dims (MLA); the output has the values'.
