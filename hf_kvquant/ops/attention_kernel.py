@@ -334,10 +334,13 @@ def _block_sizes(num_rows: int, block_d: int, float32: bool = False) -> tuple[in
     warps = 4 if block_d <= 256 else 8
     if float32:
         return 16, min(64, most) if block_d <= 256 else 16, 8, 1
+    # Past 256 channels fewer stages and prefill rows: with a length not a multiple of 16 the masked tiles' addresses
+    # spilled registers (sm_90, triton 3.6).
+    wide = block_d > 256
     if num_rows <= _DECODE_ROWS:
         block_m = min(max(16, _next_power_of_2(num_rows)), most)
-        return block_m, min(128, most), warps, 3
-    return min(64, most), min(128, most), warps, 2
+        return block_m, min(128, most), warps, 2 if wide else 3
+    return 16 if wide else min(64, most), min(128, most), warps, 1 if wide else 2
 
 
 def quantized_attention(
