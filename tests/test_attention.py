@@ -5,6 +5,7 @@ on a GPU the same grid runs natively, and bf16/fp16 queries are added. The Hadam
 is checked the same way: through the kernel with a rotated query, against the reference over un-rotated K/V."""
 
 import dataclasses
+import functools
 import warnings
 
 import pytest
@@ -60,7 +61,7 @@ def _left_padding(batch, kv_len, pads):
 
 def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.float32, pads=None,
            sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=quantized_attention, sinks=None,
-           value_head_dim=None):
+           value_head_dim=None, tolerance=None):
     """``attend(query, key, value, mask, **options)`` against the reference over the dequantized (with ``hadamard``:
     un-rotated) keys and values. Values have ``value_head_dim`` channels (default: the keys' ``head_dim``)."""
     value_head_dim = head_dim if value_head_dim is None else value_head_dim
@@ -81,7 +82,7 @@ def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.fl
     assert out.shape == (batch, q_len, heads, value_head_dim) and out.dtype == dtype
     assert torch.isfinite(out).all()
     error = (out.float() - expected).abs().max().item()
-    allowed = TOLERANCE[dtype] * expected.abs().max().item()
+    allowed = (tolerance or TOLERANCE[dtype]) * expected.abs().max().item()
     if hadamard and dtype != torch.float32:
         # The kernel computes in the query's dtype, so the rotated query is rounded to it: allow twice what that
         # rounding alone costs the reference.
@@ -303,6 +304,41 @@ def test_head_dims(mode, head_dim, value_head_dim):
     for dtype in QUERY_DTYPES:
         _check(2, 4, 2, 1, 40, head_dim, mode, dtype, pads=[0, 3], value_head_dim=value_head_dim)
         _check(1, 2, 1, 12, 12, head_dim, mode, dtype, value_head_dim=value_head_dim)
+
+
+# Half-precision queries over int8 caches take their dots on the codes (int8 tensor cores; heads padded to 128), the
+# query and P each as two int8 tiles that resolve 1/64516 of their ranges: within a hair of the float32 reference.
+# With fp16 queries the output's own rounding (2**-11) stays under this, so a slip of a fraction of a percent fails.
+# The interpreter computes int8 dots exactly, so the CPU runs the path too.
+CODE_DOTS_TOLERANCE = 1e-3
+
+
+@pytest.mark.parametrize("head_dim,value_head_dim", [(128, 128), (96, 96), (72, 72)])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2), (8, 1)])
+def test_dots_on_int8_codes(head_dim, value_head_dim, heads, kv_heads):
+    mode, dtype = KVQuantMode.INT8_PER_TOKEN_HEAD, torch.float16
+    check = functools.partial(_check, mode=mode, dtype=dtype, value_head_dim=value_head_dim,
+                              tolerance=CODE_DOTS_TOLERANCE)
+    check(2, heads, kv_heads, 1, 1100, head_dim)  # split decode
+    check(2, heads, kv_heads, 1, 300, head_dim, pads=[0, 37])
+    check(1, heads, kv_heads, 40, 170, head_dim)  # a chunk over a past: the diagonal's masked tiles
+    check(2, heads, kv_heads, 9, 90, head_dim, pads=[0, 5], sliding_window=24, softcap=8.0, scaling=0.3,
+          sinks=torch.linspace(-1.0, 2.0, heads, device=DEVICE))
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 300), (12, 60)])
+@pytest.mark.parametrize("token_minor", ["values", "keys", "neither"])
+def test_dots_on_int8_codes_in_buffers_of_other_strides(q_len, kv_len, token_minor):
+    # From slot 5 (off the 16-slot alignment) and in either layout, as the compacting sliding-window layer's
+    # head_dim-minor values come.
+    mode = KVQuantMode.INT8_PER_TOKEN_HEAD
+    key = _quantized(2, 2, kv_len, 128, mode, spare=7, token_minor=token_minor == "keys")
+    value = _quantized(2, 2, kv_len, 128, mode, spare=30, token_minor=token_minor == "values")
+    query = torch.randn(2, 8, q_len, 128).to(device=DEVICE, dtype=torch.float16)
+    out = quantized_attention(query, key, value).float()
+    exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
+    expected = attention_reference(query.float(), exact_key, exact_value)
+    assert (out - expected).abs().max().item() <= CODE_DOTS_TOLERANCE * expected.abs().max().item()
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))

@@ -4,7 +4,9 @@
 
 The key scale multiplies the score row (``(q . k_q[j]) * k_scale[j] * scaling``) and the value scale the
 probabilities before ``P . V``. Each int8/fp8 tile is converted to the query's dtype in registers (exact: int8 and
-e4m3 values are representable in bf16/fp16); no dequantized copy is ever written.
+e4m3 values are representable in bf16/fp16); no dequantized copy is ever written. Decode steps over int8 caches with
+heads of 128 channels skip that conversion: their dots run on the stored codes (int8 tensor cores), the query and P
+each split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of their ranges (`CODE_DOTS`).
 
 One program owns a block of *rows* of one (batch, KV head): row ``r`` is query ``r // group`` of query
 head ``kv_head * group + r % group``, so the query heads that share a KV head read each K/V tile once
@@ -47,12 +49,35 @@ MERGE_SPLITS_AT_ONCE: tl.constexpr = tl.constexpr(8)
 _PROGRAMS_PER_SM = 2
 _MIN_SPLIT_TOKENS = 512
 _MAX_SPLITS = 32
+# Decode steps of half-precision queries over int8 caches take their dots on the stored codes (int8 tensor cores)
+# where both heads pad to _CODE_DOTS_HEAD_DIM channels: there they save the widening of every K/V code for a split of P
+# that costs the same per token at any head_dim. Measured faster at 128 and slower at 64; prefill tiles (64 rows) pay
+# the split per row and were slower too (H200, eval/results/kernel_tuning.md). Wider code tiles spill registers (ptxas,
+# sm_90). FP8 caches widen their tiles: Hopper's tensor cores take e4m3 only through wgmma, whose 64-row tiles a decode
+# step (a few rows) would mostly waste. False: widened tiles everywhere (for measurement).
+CODE_DOTS = True
+_CODE_DOTS_HEAD_DIM = 128
 
 
 @triton.jit
 def _tanh(x):
     # tanh through exp: libdevice does not run in the Triton interpreter.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _as_codes(x):
+    """``x`` (float32 within +-127) as two int8 tiles ``hi + lo / 254``, resolving 1/64516 of the range, for int8
+    tensor-core dots against the stored codes. Rounding to nearest keeps ``hi`` within +-127 and, as
+    ``|x - hi| <= 1/2``, ``lo`` too: no clamps."""
+    hi = tl.floor(x + 0.5)
+    return hi.to(tl.int8), tl.floor((x - hi) * 254.0 + 0.5).to(tl.int8)
+
+
+@triton.jit
+def _dot_codes(hi, lo, codes):
+    """``(hi + lo / 254) @ codes`` in units of 1/254, float32 (exact in int32: at most 512 * 127 * 127 * 255)."""
+    return (tl.dot(hi, codes, out_dtype=tl.int32) * 254 + tl.dot(lo, codes, out_dtype=tl.int32)).to(tl.float32)
 
 
 @triton.jit
@@ -71,16 +96,18 @@ def _load_tile(ptrs, col_valid, d_valid, WHOLE: tl.constexpr, PAD_D: tl.constexp
 
 @triton.jit
 def _attend_tiles(
-    acc, m_i, l_i, q, q_pos, lo, hi,
+    acc, m_i, l_i, q, q_lo, q_unit, q_pos, lo, hi,
     k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
     qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
     POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD_DK: tl.constexpr, PAD_DV: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, CODE_DOTS: tl.constexpr,
 ):
     """Online softmax over tokens [lo, hi). Without POSITION_MASK the range is whole tiles that every row sees (tiles
     below the causal diagonal): no bounds, causal or window masks in the hot loop, only the padding mask if any.
-    SAME_LAYOUT: keys and values have one head_dim and one layout (all but MLA), so one set of offsets serves both."""
+    SAME_LAYOUT: keys and values have one head_dim and one layout (all but MLA), so one set of offsets serves both.
+    CODE_DOTS: the dots run on the stored int8 codes (tensor cores), the query (``q`` + ``q_lo``, ``q_unit`` per row)
+    and P each as two code tiles (`_as_codes`); otherwise every K/V tile is widened to the query's dtype."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_valid = cols < hi
@@ -89,13 +116,17 @@ def _attend_tiles(
             v_offsets = k_offsets
         else:
             v_offsets = v_base + cols[:, None] * v_st + offs_dv[None, :] * v_sd
-        # int8/e4m3 -> float32 -> query dtype: exact, the fastest route measured, the one the interpreter gets right.
-        k = _load_tile(k_ptr + k_offsets, col_valid, dk_valid, not POSITION_MASK, PAD_DK).to(tl.float32).to(q.dtype)
+        k = _load_tile(k_ptr + k_offsets, col_valid, dk_valid, not POSITION_MASK, PAD_DK)
         if POSITION_MASK:
             k_scale = tl.load(ks_row + cols, mask=col_valid, other=0.0)
         else:
             k_scale = tl.load(ks_row + cols)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
+        if CODE_DOTS:
+            scores = _dot_codes(q, q_lo, tl.trans(k)) * q_unit[:, None] * (k_scale * qk_scale)[None, :]
+        else:
+            # int8/e4m3 -> float32 -> query dtype: exact, the fastest widening measured, the interpreter gets it right.
+            k = k.to(tl.float32).to(q.dtype)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
         if SOFTCAP:
             scores = softcap * _tanh(scores / softcap) * LOG2E
         # base 2 from here on (LOG2E is in qk_scale or above)
@@ -107,18 +138,33 @@ def _attend_tiles(
         if HAS_MASK:
             keep = tl.load(mask_ptr + mask_base + cols, mask=col_valid, other=0)
             scores = tl.where((keep != 0)[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        tile_max = tl.max(scores, axis=1)
+        m_new = tl.maximum(m_i, tile_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-        p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         if POSITION_MASK:
             v_scale = tl.load(vs_row + cols, mask=col_valid, other=0.0)
         else:
             v_scale = tl.load(vs_row + cols)
-        v = _load_tile(v_ptr + v_offsets, col_valid, dv_valid, not POSITION_MASK, PAD_DV).to(tl.float32).to(q.dtype)
-        p = (p * v_scale[None, :]).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        v = _load_tile(v_ptr + v_offsets, col_valid, dv_valid, not POSITION_MASK, PAD_DV)
+        if CODE_DOTS:
+            # P relative to each row's largest p in this tile (1 there), times v_scale relative to the tile's largest,
+            # as codes: every tile uses the codes' whole range, however far below the running max its scores are.
+            tile_safe = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+            p = tl.exp2(scores - tile_safe[:, None])
+            p_max = tl.exp2(tile_max - m_safe)  # the largest p of each row in this tile
+            l_i = l_i * alpha + tl.sum(p, axis=1) * p_max
+            vs_max = tl.max(v_scale, axis=0)
+            vs_max = tl.where(vs_max > 0.0, vs_max, 1.0)
+            p_hi, p_lo = _as_codes(p * (v_scale * (127.0 / vs_max))[None, :])
+            pv_unit = p_max * (vs_max / (127.0 * 254.0))
+            acc = acc * alpha[:, None] + _dot_codes(p_hi, p_lo, v) * pv_unit[:, None]
+        else:
+            p = tl.exp2(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = v.to(tl.float32).to(q.dtype)
+            p = (p * v_scale[None, :]).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -183,7 +229,7 @@ def _attention_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, CODE_DOTS: tl.constexpr,
 ):
     # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
     # short ones fill the tail.
@@ -211,6 +257,15 @@ def _attention_kernel(
     dv_valid = offs_dv < HEAD_DIM_V
     q = tl.load(q_ptr + b * q_sb + head[:, None] * q_sh + q_idx[:, None] * q_st + offs_dk[None, :],
                 mask=row_valid[:, None] & dk_valid[None, :], other=0.0)
+    q_lo = q
+    q_unit = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if CODE_DOTS:
+        # The query as two code tiles per row (`_as_codes`), in units of its largest channel / 127 / 254.
+        q = q.to(tl.float32)
+        q_amax = tl.max(tl.abs(q), axis=1)
+        q_unit = tl.where(q_amax > 0.0, q_amax / 127.0, 1.0)
+        q, q_lo = _as_codes(q / q_unit[:, None])
+        q_unit = q_unit / 254.0
     q_pos = kv_len - q_len + q_idx  # visible position of each row's query
     first_pos = kv_len - q_len + (pid_m * BLOCK_M) // GROUP
     last_pos = kv_len - q_len + (tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1) // GROUP
@@ -237,17 +292,17 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     if not SLIDING:
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, q_pos, lo, bulk_end,
+            acc, m_i, l_i, q, q_lo, q_unit, q_pos, lo, bulk_end,
             k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
             qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
             BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
-            SAME_LAYOUT)
+            SAME_LAYOUT, CODE_DOTS)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, q_pos, bulk_end, hi,
+        acc, m_i, l_i, q, q_lo, q_unit, q_pos, bulk_end, hi,
         k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
         qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
         BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
-        SAME_LAYOUT)
+        SAME_LAYOUT, CODE_DOTS)
 
     if SPLIT:
         # Partials [batch, kv_heads, splits, rows, ...]: all the outputs (HEAD_DIM_V each), then all the (max, sum)
@@ -387,6 +442,8 @@ def quantized_attention(
 
     # At least 16: the smallest tl.dot operand.
     block_dk, block_dv = max(16, _next_power_of_2(head_dim)), max(16, _next_power_of_2(value_head_dim))
+    code_dots = (CODE_DOTS and query.dtype != torch.float32 and key.data.dtype == torch.int8
+                 and block_dk == block_dv == _CODE_DOTS_HEAD_DIM and num_rows <= _DECODE_ROWS)
     block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, max(block_dk, block_dv),
                                                            query.dtype == torch.float32)
     row_blocks = _cdiv(num_rows, block_m)
@@ -433,7 +490,7 @@ def quantized_attention(
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
             SPLIT=splits > 1,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=key.length is not None,
-            HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout,
+            HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout, CODE_DOTS=code_dots,
         ),
         num_warps=num_warps, num_stages=num_stages,
     )
