@@ -306,14 +306,14 @@ def test_head_dims(mode, head_dim, value_head_dim):
         _check(1, 2, 1, 12, 12, head_dim, mode, dtype, value_head_dim=value_head_dim)
 
 
-# Half-precision queries over int8 caches take their dots on the codes (int8 tensor cores; heads padded to 128), the
-# query and P each as two int8 tiles that resolve 1/64516 of their ranges: within a hair of the float32 reference.
+# Decode steps of half-precision queries over int8 caches take Q.K^T on the key codes (int8 tensor cores; keys padded
+# to 64 or 128), the query as two int8 tiles that resolve 1/64516 of its range: within a hair of the float32 reference.
 # With fp16 queries the output's own rounding (2**-11) stays under this, so a slip of a fraction of a percent fails.
 # The interpreter computes int8 dots exactly, so the CPU runs the path too.
 CODE_DOTS_TOLERANCE = 1e-3
 
 
-@pytest.mark.parametrize("head_dim,value_head_dim", [(128, 128), (96, 96), (72, 72)])
+@pytest.mark.parametrize("head_dim,value_head_dim", [(128, 128), (96, 96), (72, 72), (64, 64), (40, 40), (64, 192)])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2), (8, 1)])
 def test_dots_on_int8_codes(head_dim, value_head_dim, heads, kv_heads):
     mode, dtype = KVQuantMode.INT8_PER_TOKEN_HEAD, torch.float16

@@ -5,8 +5,8 @@
 The key scale multiplies the score row (``(q . k_q[j]) * k_scale[j] * scaling``) and the value scale the
 probabilities before ``P . V``. Each int8/fp8 tile is converted to the query's dtype in registers (exact: int8 and
 e4m3 values are representable in bf16/fp16); no dequantized copy is ever written. Decode steps over int8 caches with
-heads of 128 channels skip that conversion: their dots run on the stored codes (int8 tensor cores), the query and P
-each split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of their ranges (`CODE_DOTS`).
+heads of 64 or 128 channels skip that conversion for the keys: Q.K^T runs on the stored key codes (int8 tensor cores),
+the query split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of its range (`CODE_DOTS`).
 
 One program owns a block of *rows* of one (batch, KV head): row ``r`` is query ``r // group`` of query
 head ``kv_head * group + r % group``, so the query heads that share a KV head read each K/V tile once
@@ -42,21 +42,22 @@ from .launch import Launcher
 
 _LOG2E = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
-# The merge reads this many splits' partials at once (unrolled: their loads are in flight together).
-MERGE_SPLITS_AT_ONCE: tl.constexpr = tl.constexpr(8)
 # Decode: split the tokens into as many parts as keep the programs at or under this many per SM (long programs stream
-# best), each split at least this long, and into at most _MAX_SPLITS (one program merges them all).
+# best; 3 where heads pad to at most 64 channels, whose tiles hold half the bytes), each split at least this long, and
+# into at most _MAX_SPLITS (one program merges them all).
 _PROGRAMS_PER_SM = 2
+_PROGRAMS_PER_SM_NARROW = 3
 _MIN_SPLIT_TOKENS = 512
 _MAX_SPLITS = 32
-# Decode steps of half-precision queries over int8 caches take their dots on the stored codes (int8 tensor cores)
-# where both heads pad to _CODE_DOTS_HEAD_DIM channels: there they save the widening of every K/V code for a split of P
-# that costs the same per token at any head_dim. Measured faster at 128 and slower at 64; prefill tiles (64 rows) pay
-# the split per row and were slower too (H200, eval/results/kernel_tuning.md). Wider code tiles spill registers (ptxas,
-# sm_90). FP8 caches widen their tiles: Hopper's tensor cores take e4m3 only through wgmma, whose 64-row tiles a decode
-# step (a few rows) would mostly waste. False: widened tiles everywhere (for measurement).
+# Decode steps of half-precision queries over int8 caches take Q.K^T on the stored key codes (int8 tensor cores) where
+# the keys pad to 64 or 128 channels: the query splits into two int8 tiles once per program, and no key code is widened.
+# P.V widens its value tiles: splitting P into codes costs a conversion per row and token of every tile, and measured
+# slower at head_dim 128 and 64, as did code dots in prefill tiles (64 rows; H200, eval/results/kernel_tuning.md). Key
+# code tiles of 256 channels spill registers (ptxas, sm_90). FP8 caches widen their tiles: Hopper's tensor cores take
+# e4m3 only through wgmma, whose 64-row tiles a decode step (a few rows) would mostly waste. False: widened tiles
+# everywhere (for measurement).
 CODE_DOTS = True
-_CODE_DOTS_HEAD_DIM = 128
+_CODE_QK_HEAD_DIMS = (64, 128)
 
 
 @triton.jit
@@ -101,13 +102,14 @@ def _attend_tiles(
     qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
     POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD_DK: tl.constexpr, PAD_DV: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, CODE_DOTS: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, CODE_QK: tl.constexpr, WIDE_DTYPE: tl.constexpr,
 ):
     """Online softmax over tokens [lo, hi). Without POSITION_MASK the range is whole tiles that every row sees (tiles
     below the causal diagonal): no bounds, causal or window masks in the hot loop, only the padding mask if any.
     SAME_LAYOUT: keys and values have one head_dim and one layout (all but MLA), so one set of offsets serves both.
-    CODE_DOTS: the dots run on the stored int8 codes (tensor cores), the query (``q`` + ``q_lo``, ``q_unit`` per row)
-    and P each as two code tiles (`_as_codes`); otherwise every K/V tile is widened to the query's dtype."""
+    CODE_QK: Q.K^T runs on the stored int8 key codes (tensor cores), the query as two code tiles (``q`` + ``q_lo``,
+    ``q_unit`` per row, `_as_codes`); otherwise key tiles are widened to the query's dtype (WIDE_DTYPE), as value tiles
+    always are."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_valid = cols < hi
@@ -121,11 +123,11 @@ def _attend_tiles(
             k_scale = tl.load(ks_row + cols, mask=col_valid, other=0.0)
         else:
             k_scale = tl.load(ks_row + cols)
-        if CODE_DOTS:
+        if CODE_QK:
             scores = _dot_codes(q, q_lo, tl.trans(k)) * q_unit[:, None] * (k_scale * qk_scale)[None, :]
         else:
             # int8/e4m3 -> float32 -> query dtype: exact, the fastest widening measured, the interpreter gets it right.
-            k = k.to(tl.float32).to(q.dtype)
+            k = k.to(tl.float32).to(WIDE_DTYPE)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
         if SOFTCAP:
             scores = softcap * _tanh(scores / softcap) * LOG2E
@@ -147,41 +149,26 @@ def _attend_tiles(
         else:
             v_scale = tl.load(vs_row + cols)
         v = _load_tile(v_ptr + v_offsets, col_valid, dv_valid, not POSITION_MASK, PAD_DV)
-        if CODE_DOTS:
-            # P relative to each row's largest p in this tile (1 there), times v_scale relative to the tile's largest,
-            # as codes: every tile uses the codes' whole range, however far below the running max its scores are.
-            tile_safe = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-            p = tl.exp2(scores - tile_safe[:, None])
-            p_max = tl.exp2(tile_max - m_safe)  # the largest p of each row in this tile
-            l_i = l_i * alpha + tl.sum(p, axis=1) * p_max
-            vs_max = tl.max(v_scale, axis=0)
-            vs_max = tl.where(vs_max > 0.0, vs_max, 1.0)
-            p_hi, p_lo = _as_codes(p * (v_scale * (127.0 / vs_max))[None, :])
-            pv_unit = p_max * (vs_max / (127.0 * 254.0))
-            acc = acc * alpha[:, None] + _dot_codes(p_hi, p_lo, v) * pv_unit[:, None]
-        else:
-            p = tl.exp2(scores - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = v.to(tl.float32).to(q.dtype)
-            p = (p * v_scale[None, :]).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = v.to(tl.float32).to(WIDE_DTYPE)
+        p = (p * v_scale[None, :]).to(WIDE_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
 def _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row_valid, offs_d, d_valid,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, AT_ONCE: tl.constexpr):
     """(acc, max, sum) of a row block over all splits, folding in the splits' partial softmaxes one at a time (online,
-    as in the main loop). MERGE_SPLITS_AT_ONCE splits per step, unrolled so that their loads are in flight together
+    as in the main loop). AT_ONCE splits per step, unrolled so that their loads are in flight together
     (one at a time, each step waits a memory latency; all at once compiles slowly and runs slower).
     The caller's own split is read back too: its registers are in the dot's layout, and mixing them in would move
     every loaded tile through shared memory. L1-bypassing loads: other SMs wrote the partials."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Past 256 channels two splits at once: more [BLOCK_M, 512] float32 tiles in flight spill registers.
-    AT_ONCE: tl.constexpr = MERGE_SPLITS_AT_ONCE if BLOCK_D <= 256 else 2
     for first in range(0, num_splits, AT_ONCE):
         for s in tl.static_range(AT_ONCE):
             part = (pid_bh * num_splits + first + s) * num_rows + rows
@@ -229,7 +216,7 @@ def _attention_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, CODE_DOTS: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, CODE_QK: tl.constexpr, MERGE_AT_ONCE: tl.constexpr,
 ):
     # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
     # short ones fill the tail.
@@ -259,7 +246,7 @@ def _attention_kernel(
                 mask=row_valid[:, None] & dk_valid[None, :], other=0.0)
     q_lo = q
     q_unit = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if CODE_DOTS:
+    if CODE_QK:
         # The query as two code tiles per row (`_as_codes`), in units of its largest channel / 127 / 254.
         q = q.to(tl.float32)
         q_amax = tl.max(tl.abs(q), axis=1)
@@ -296,13 +283,13 @@ def _attention_kernel(
             k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
             qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
             BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
-            SAME_LAYOUT, CODE_DOTS)
+            SAME_LAYOUT, CODE_QK, q_ptr.dtype.element_ty)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_lo, q_unit, q_pos, bulk_end, hi,
         k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
         qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
         BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
-        SAME_LAYOUT, CODE_DOTS)
+        SAME_LAYOUT, CODE_QK, q_ptr.dtype.element_ty)
 
     if SPLIT:
         # Partials [batch, kv_heads, splits, rows, ...]: all the outputs (HEAD_DIM_V each), then all the (max, sum)
@@ -322,7 +309,7 @@ def _attention_kernel(
         if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
             tl.atomic_xchg(counter, 0)  # ready for the next launch
             acc, m_i, l_i = _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row_valid,
-                                          offs_dv, dv_valid, BLOCK_M, BLOCK_DV, HEAD_DIM_V)
+                                          offs_dv, dv_valid, BLOCK_M, BLOCK_DV, HEAD_DIM_V, MERGE_AT_ONCE)
             _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_dv, dv_valid, o_sb, o_st, o_sh,
                         sink_ptr, HAS_SINKS)
     else:
@@ -398,6 +385,16 @@ def _block_sizes(num_rows: int, block_d: int, float32: bool = False) -> tuple[in
     return 16 if wide else min(64, most), min(128, most), warps, 1 if wide else 2
 
 
+def _merge_width(splits: int, block_dv: int) -> int:
+    """Splits' partials the merge reads at once (unrolled: their loads are in flight together): 8, or 16 past 8 splits
+    (one memory latency fewer per 16). Values wider than 256 channels two at a time: more [rows, 512] float32 tiles in
+    flight spill registers; 32 at once spilled at 128 channels, and fewer than 8 as well (ptxas, sm_90; H200:
+    `test_widest_heads_compile_without_spills`, keys of 512 and values of 64 two at a time)."""
+    if block_dv > 256:
+        return 2
+    return 16 if splits > 8 else 8
+
+
 def quantized_attention(
     query: torch.Tensor,
     key: QuantizedKV,
@@ -442,13 +439,14 @@ def quantized_attention(
 
     # At least 16: the smallest tl.dot operand.
     block_dk, block_dv = max(16, _next_power_of_2(head_dim)), max(16, _next_power_of_2(value_head_dim))
-    code_dots = (CODE_DOTS and query.dtype != torch.float32 and key.data.dtype == torch.int8
-                 and block_dk == block_dv == _CODE_DOTS_HEAD_DIM and num_rows <= _DECODE_ROWS)
+    code_qk = (CODE_DOTS and query.dtype != torch.float32 and key.data.dtype == torch.int8
+               and block_dk in _CODE_QK_HEAD_DIMS and num_rows <= _DECODE_ROWS)
     block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, max(block_dk, block_dv),
                                                            query.dtype == torch.float32)
     row_blocks = _cdiv(num_rows, block_m)
     programs = row_blocks * batch * kv_heads
-    wanted_programs = _PROGRAMS_PER_SM * _num_sms(device)
+    narrow = max(block_dk, block_dv) <= 64
+    wanted_programs = (_PROGRAMS_PER_SM_NARROW if narrow else _PROGRAMS_PER_SM) * _num_sms(device)
     splits = max(1, min(wanted_programs // programs, kv_len // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
     tokens_per_split = _cdiv(_cdiv(kv_len, splits), block_n) * block_n
     splits = max(1, _cdiv(kv_len, tokens_per_split))
@@ -490,7 +488,8 @@ def quantized_attention(
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
             SPLIT=splits > 1,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=key.length is not None,
-            HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout, CODE_DOTS=code_dots,
+            HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout, CODE_QK=code_qk,
+            MERGE_AT_ONCE=_merge_width(splits, block_dv),
         ),
         num_warps=num_warps, num_stages=num_stages,
     )
