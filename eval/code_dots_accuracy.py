@@ -1,14 +1,14 @@
-"""Accuracy of the decode kernel's dots on int8 codes, on a real model: `tests/test_accuracy.py`'s protocol with the
-math of those dots in plain PyTorch.
+"""Accuracy of the decode kernel's Q.K^T on int8 key codes, on a real model: `tests/test_accuracy.py`'s protocol with
+the math of those dots in plain PyTorch.
 
-On a GPU, decode steps over INT8 caches with heads of 128 channels compute Q.K^T and P.V on the stored int8 codes
-(`hf_kvquant.ops.attention_kernel`): the query and P each become two int8 tiles, ``hi + lo / 254``, the query scaled
-per row by its largest channel, P per 128-token tile by each row's largest p there and the tile's largest value
-scale. The CPU has no such kernel, so this script computes that rounding in PyTorch and runs it in place of every
-attention call of an INT8 cache: SmolLM2-135M in float32 (`attn_implementation="hf_kvquant"`), the first 2048
-WikiText-2 tokens as a 256-token prefill and then 64-token chunks, against an unquantized DynamicCache run (mean
-KL and top-1 agreement over every position), beside an INT8 cache whose attention is the plain reference. SmolLM2's
-heads are 64 wide, so on a GPU it would not take these dots; the rounding is applied here to measure what it costs.
+On a GPU, decode steps over INT8 caches with keys of 64 or 128 channels compute Q.K^T on the stored int8 key codes
+(`hf_kvquant.ops.attention_kernel`): the query becomes two int8 tiles, ``hi + lo / 254``, scaled per row by its
+largest channel (P.V widens the value codes, as the reference's float32 dots do). The CPU has no such kernel, so this
+script computes that rounding in PyTorch and runs it in place of every attention call of an INT8 cache: SmolLM2-135M
+in float32 (`attn_implementation="hf_kvquant"`), the first 2048 WikiText-2 tokens as a 256-token prefill and then
+64-token chunks, against an unquantized DynamicCache run (mean KL and top-1 agreement over every position), beside an
+INT8 cache whose attention is the plain reference. The rounding is applied to every call, prefill and chunks too,
+where the GPU applies it to decode steps only (at most 64 query rows per KV head): an upper bound on its cost.
 
     python eval/code_dots_accuracy.py [--out-dir DIR]
 """
@@ -31,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modul
 from common import environment, out_dir_argument, versions_line, write_results
 
 N_TOKENS, PREFILL, CHUNK = 2048, 256, 64  # as tests/test_accuracy.py
-TILE = 128  # the decode kernel's tokens per tile at head_dim 128
-
-
+# The control: the plain reference with each query element moved by this fraction of itself (a random sign). Far below
+# the code dots' rounding, it still moves some keys and values across a rounding boundary of their codes in later
+# layers, and so re-draws the cache's quantization noise: the spread of mean KL that any change of the arithmetic has.
+JITTER = 1e-6
+CONTROL_SEEDS = (0, 1, 2)
 def two_int8_tiles(x: torch.Tensor) -> torch.Tensor:
     """``x`` (within +-127) as the kernel's ``hi + lo / 254`` (`_as_codes`)."""
     hi = torch.floor(x + 0.5)
@@ -41,8 +43,8 @@ def two_int8_tiles(x: torch.Tensor) -> torch.Tensor:
 
 
 def code_dot_attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks, own_workspace=False):
-    """`hf_kvquant.ops._attention` with the rounding of the kernel's dots on int8 codes, for causal attention without
-    window, soft-capping or sinks (SmolLM2's). Returns ``[batch, q_len, heads, head_dim]``."""
+    """`hf_kvquant.ops._attention` with the rounding of the kernel's Q.K^T on int8 key codes, for causal attention
+    without window, soft-capping or sinks (SmolLM2's). Returns ``[batch, q_len, heads, head_dim]``."""
     if sliding_window is not None or softcap is not None or sinks is not None or key.length is not None:
         raise ValueError("code_dot_attention covers causal attention over a DynamicCache-like window only")
     window = slice(key.start, key.end)
@@ -60,15 +62,18 @@ def code_dot_attention(query, key, value, padding_mask, scaling, sliding_window,
         visible = visible & padding_mask[:, None, None, :kv_len].bool()
     scores = scores.masked_fill(~visible, float("-inf"))
     p = torch.exp(scores - scores.amax(-1, keepdim=True))
-    out = torch.zeros(*p.shape[:3], v_codes.shape[-1])
-    for start in range(0, kv_len, TILE):
-        tile = slice(start, start + TILE)
-        p_tile, vs_tile = p[..., tile], v_scale[:, :, None, tile]
-        p_max = p_tile.amax(-1, keepdim=True)
-        vs_max = vs_tile.amax(-1, keepdim=True)
-        x = torch.where(p_max > 0, p_tile / p_max, 0.0) * (vs_tile / vs_max) * 127
-        out += (two_int8_tiles(x) @ v_codes[:, :, tile]) * p_max * vs_max / 127
+    out = (p * v_scale[:, :, None, :]) @ v_codes
     return (out / p.sum(-1, keepdim=True)).transpose(1, 2).to(query.dtype)
+
+
+def jittered_attention(generator: torch.Generator):
+    """`hf_kvquant.ops._attention` (the plain reference here) with the query moved by ``JITTER`` of itself."""
+    reference_attention = hf_kvquant.ops._attention
+
+    def attention(query, *args, **kwargs):
+        sign = torch.randint(0, 2, query.shape, generator=generator).to(query.dtype) * 2 - 1
+        return reference_attention(query * (1 + JITTER * sign), *args, **kwargs)
+    return attention
 
 
 def measure() -> dict:
@@ -77,18 +82,23 @@ def measure() -> dict:
     ids = tokenizer(text[: 8 * N_TOKENS], return_tensors="pt").input_ids[:, :N_TOKENS]
     caches = {"dynamic": DynamicCache(config=model.config),
               "int8": QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head"),
-              "int8_code_dots": QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head")}
-    kl = {"int8": 0.0, "int8_code_dots": 0.0}
+              "int8_code_dots": QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head"),
+              **{f"int8_jittered_{seed}": QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head")
+                 for seed in CONTROL_SEEDS}}
+    kl = dict.fromkeys(list(caches)[1:], 0.0)
     agree = dict.fromkeys(kl, 0)
     positions = 0
     reference_attention = hf_kvquant.ops._attention
+    attention = {"int8_code_dots": code_dot_attention,
+                 **{f"int8_jittered_{seed}": jittered_attention(torch.Generator().manual_seed(seed))
+                    for seed in CONTROL_SEEDS}}
     bounds = [0, PREFILL, *range(PREFILL + CHUNK, N_TOKENS, CHUNK), N_TOKENS]
     with torch.no_grad():
         for start, end in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="chunks"):
             targets = ids[0, start + 1 : end + 1]
             logprobs = {}
             for name, cache in caches.items():
-                hf_kvquant.ops._attention = code_dot_attention if name == "int8_code_dots" else reference_attention
+                hf_kvquant.ops._attention = attention.get(name, reference_attention)
                 try:
                     logits = model(ids[:, start:end], past_key_values=cache, use_cache=True).logits
                 finally:
@@ -106,14 +116,20 @@ def measure() -> dict:
 
 def markdown(r: dict) -> str:
     growth = r["int8_code_dots_mean_kl"] / r["int8_mean_kl"] - 1
-    return ("# INT8 decode dots on the codes: accuracy\n\n"
+    controls = [r[f"int8_jittered_{seed}_mean_kl"] / r["int8_mean_kl"] - 1 for seed in CONTROL_SEEDS]
+    return ("# INT8 decode Q.K^T on the key codes: accuracy\n\n"
             f"Written by `eval/code_dots_accuracy.py` ({r['device']}; {versions_line(r['versions'])}). "
             f"SmolLM2-135M float32, {r['positions']} WikiText-2 positions, KL to an unquantized DynamicCache run.\n\n"
             "| INT8 cache attention | mean KL | top-1 agreement |\n| --- | --- | --- |\n"
             f"| reference (float32 dots) | {r['int8_mean_kl']:.6f} | {r['int8_top1_agreement']:.4f} |\n"
-            f"| dots on int8 codes (rounding of the decode kernel) | {r['int8_code_dots_mean_kl']:.6f} | "
-            f"{r['int8_code_dots_top1_agreement']:.4f} |\n\n"
-            f"KL change: {growth:+.1%}.\n")
+            f"| Q.K^T on int8 key codes (rounding of the decode kernel) | {r['int8_code_dots_mean_kl']:.6f} | "
+            f"{r['int8_code_dots_top1_agreement']:.4f} |\n"
+            + "".join(f"| control (seed {seed}): reference, query moved by {JITTER:g} of itself | "
+                      f"{r[f'int8_jittered_{seed}_mean_kl']:.6f} | {r[f'int8_jittered_{seed}_top1_agreement']:.4f} |\n"
+                      for seed in CONTROL_SEEDS)
+            + f"\nKL change: {growth:+.1%} with the code dots; "
+            f"{', '.join(f'{c:+.1%}' for c in controls)} with the controls (the spread that re-drawing the cache's "
+            "rounding gives).\n")
 
 
 def main() -> None:
