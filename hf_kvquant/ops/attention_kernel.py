@@ -52,10 +52,10 @@ _MAX_SPLITS = 32
 # Decode steps of half-precision queries over int8 caches take Q.K^T on the stored key codes (int8 tensor cores) where
 # the keys pad to 64 or 128 channels: the query splits into two int8 tiles once per program, and no key code is widened.
 # P.V widens its value tiles: splitting P into codes costs a conversion per row and token of every tile, and measured
-# slower at head_dim 128 and 64, as did code dots in prefill tiles (64 rows; H200, eval/results/kernel_tuning.md). Key
-# code tiles of 256 channels spill registers (ptxas, sm_90). FP8 caches widen their tiles: Hopper's tensor cores take
-# e4m3 only through wgmma, whose 64-row tiles a decode step (a few rows) would mostly waste. False: widened tiles
-# everywhere (for measurement).
+# slower at head_dim 128 and 64, as did code dots in prefill tiles (64 rows; H200, eval/results/kernel_tuning.md). Keys
+# of 256 channels measured faster on codes at batch 1 only, and have not run the GPU tests that way. FP8 caches widen
+# their tiles: Hopper's tensor cores take e4m3 only through wgmma, whose 64-row tiles a decode step (a few rows) would
+# mostly waste. False: widened tiles everywhere (for measurement).
 CODE_DOTS = True
 _CODE_QK_HEAD_DIMS = (64, 128)
 
