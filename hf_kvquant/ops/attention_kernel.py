@@ -140,8 +140,7 @@ def _attend_tiles(
         if HAS_MASK:
             keep = tl.load(mask_ptr + mask_base + cols, mask=col_valid, other=0)
             scores = tl.where((keep != 0)[None, :], scores, float("-inf"))
-        tile_max = tl.max(scores, axis=1)
-        m_new = tl.maximum(m_i, tile_max)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         alpha = tl.exp2(m_i - m_safe)
         if POSITION_MASK:
