@@ -326,19 +326,27 @@ def test_dots_on_int8_codes(head_dim, value_head_dim, heads, kv_heads):
           sinks=torch.linspace(-1.0, 2.0, heads, device=DEVICE))
 
 
+def _attend_in_buffers_of_other_strides(mode, heads, q_len, kv_len, head_dim, dtype, token_minor):
+    """Keys and values (2 KV heads) in buffers of different capacities, ``token_minor`` ("keys", "values", "neither")
+    stored token-minor, both from slot 5: (key, value, the kernel's largest error against the float32 reference as a
+    fraction of the largest output)."""
+    key = _quantized(2, 2, kv_len, head_dim, mode, spare=7, token_minor=token_minor == "keys")
+    value = _quantized(2, 2, kv_len, head_dim, mode, spare=30, token_minor=token_minor == "values")
+    query = torch.randn(2, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
+    out = quantized_attention(query, key, value).float()
+    exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
+    expected = attention_reference(query.float(), exact_key, exact_value)
+    return key, value, (out - expected).abs().max().item() / expected.abs().max().item()
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(1, 300), (12, 60)])
 @pytest.mark.parametrize("token_minor", ["values", "keys", "neither"])
 def test_dots_on_int8_codes_in_buffers_of_other_strides(q_len, kv_len, token_minor):
     # From slot 5 (off the 16-slot alignment) and in either layout, as the compacting sliding-window layer's
     # head_dim-minor values come.
-    mode = KVQuantMode.INT8_PER_TOKEN_HEAD
-    key = _quantized(2, 2, kv_len, 128, mode, spare=7, token_minor=token_minor == "keys")
-    value = _quantized(2, 2, kv_len, 128, mode, spare=30, token_minor=token_minor == "values")
-    query = torch.randn(2, 8, q_len, 128).to(device=DEVICE, dtype=torch.float16)
-    out = quantized_attention(query, key, value).float()
-    exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
-    expected = attention_reference(query.float(), exact_key, exact_value)
-    assert (out - expected).abs().max().item() <= CODE_DOTS_TOLERANCE * expected.abs().max().item()
+    key, value, error = _attend_in_buffers_of_other_strides(KVQuantMode.INT8_PER_TOKEN_HEAD, 8, q_len, kv_len, 128,
+                                                            torch.float16, token_minor)
+    assert error <= CODE_DOTS_TOLERANCE
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
@@ -441,11 +449,6 @@ def test_compiled_operator_output_has_the_values_head_dim(value_head_dim):
 def test_keys_and_values_of_one_head_dim_in_buffers_of_other_strides(mode, q_len, kv_len, token_minor):
     # Same head_dim, different buffer capacities and layouts (the cache stores values token-minor; the kernel takes
     # either for either): the kernel reads each with its own strides.
-    key = _quantized(2, 2, kv_len, 80, mode, spare=7, token_minor=token_minor == "keys")
-    value = _quantized(2, 2, kv_len, 80, mode, spare=30, token_minor=token_minor == "values")
+    key, value, error = _attend_in_buffers_of_other_strides(mode, 4, q_len, kv_len, 80, torch.float32, token_minor)
     assert key.data.stride() != value.data.stride()
-    query = torch.randn(2, 4, q_len, 80, device=DEVICE)
-    out = quantized_attention(query, key, value)
-    exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
-    expected = attention_reference(query, exact_key, exact_value)
-    assert (out - expected).abs().max().item() <= TOLERANCE[torch.float32] * expected.abs().max().item()
+    assert error <= TOLERANCE[torch.float32]
