@@ -38,7 +38,8 @@ from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import rotate, unrotate
 
 _warned: set[str] = set()
-# Model types whose KV-shared layers slice the mask of a prefill as 4D (`Gemma4TextModel._maybe_slice_kv_shared_inputs`).
+# Model types whose KV-shared layers slice the mask of a prefill as 4D
+# (`Gemma4TextModel._maybe_slice_kv_shared_inputs`).
 GEMMA4_KV_SHARING_MODELS = ("gemma4_text", "gemma4", "gemma4_unified_text", "gemma4_unified")
 # Arguments through which models change attention in ways hf_kvquant's attention does not compute; a call that passes
 # one (not None) is refused rather than answered without it.

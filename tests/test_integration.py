@@ -369,7 +369,8 @@ def _tiny_mla_or_phi(arch):
                                   n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                                   first_k_dense_replace=1, n_group=1, topk_group=1)
         return DeepseekV3ForCausalLM(config).eval()
-    config = PhiConfig(vocab_size=128, hidden_size=160, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = PhiConfig(vocab_size=128, hidden_size=160, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2)
     return PhiForCausalLM(config).eval()
 
 

@@ -75,7 +75,8 @@ def test_constants():
 
 
 @pytest.mark.parametrize(
-    "mode, kernel_format", [(KVQuantMode.INT8_PER_TOKEN_HEAD, KERNEL_INT8), (KVQuantMode.FP8_PER_TOKEN_HEAD, KERNEL_FP8_E4M3)]
+    "mode, kernel_format",
+    [(KVQuantMode.INT8_PER_TOKEN_HEAD, KERNEL_INT8), (KVQuantMode.FP8_PER_TOKEN_HEAD, KERNEL_FP8_E4M3)]
 )
 def test_every_mode_carries_its_spec(mode, kernel_format):
     spec = mode.spec

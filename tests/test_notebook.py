@@ -93,7 +93,7 @@ def test_notebook_uses_the_public_api_only(saved_notebook):
             else:
                 continue
             for module in modules:
-                assert not module.split(".")[0] in ("tests", "conftest"), f"the notebook imports {module}"
+                assert module.split(".")[0] not in ("tests", "conftest"), f"the notebook imports {module}"
                 if module.split(".")[0] == "hf_kvquant":
                     assert module in PUBLIC_MODULES, f"the notebook imports {module}, not a public module"
                     public = importlib.import_module(module).__all__

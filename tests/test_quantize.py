@@ -438,7 +438,8 @@ def test_kernel_bytes_equal_reference(mode, dtype, head_dim, tokens):
     torch.manual_seed(tokens + head_dim)
     batch, heads, capacity = 3, 4, tokens + 16
     # [batch, tokens, heads, head_dim] viewed transposed, as transformers hands them over; a wide range of magnitudes.
-    key = (torch.randn(batch, tokens, heads, head_dim) * torch.logspace(-3, 3, tokens)[None, :, None, None]).transpose(1, 2)
+    magnitudes = torch.logspace(-3, 3, tokens)[None, :, None, None]
+    key = (torch.randn(batch, tokens, heads, head_dim) * magnitudes).transpose(1, 2)
     value = torch.randn(batch, heads, tokens, head_dim)
     key[0, 1, 0] = 0.0  # an all-zero token-head
     key, value = key.to(dtype), value.to(dtype)

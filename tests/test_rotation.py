@@ -176,7 +176,8 @@ def test_keys_and_values_of_different_head_dims_each_get_their_rotation(mode, ma
 
 def test_key_value_rotation_compiles_in_one_graph():
     """A preallocated MLA layer with the rotation, as a compiled decode step runs it: the update and hf_kvquant's
-    attention (rotated query, output un-rotated by the values' matrix) trace as one graph, and give the eager numbers."""
+    attention (rotated query, output un-rotated by the values' matrix) trace as one graph, and give the eager
+    numbers."""
     from hf_kvquant.cache import QuantizedPerTokenHeadStaticLayer
     from hf_kvquant.integration import attend_quantized
 
