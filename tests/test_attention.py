@@ -307,13 +307,16 @@ def test_head_dims(mode, head_dim, value_head_dim):
 
 
 # Decode steps of half-precision queries over int8 caches take Q.K^T on the key codes (int8 tensor cores; keys padded
-# to 64 or 128), the query as two int8 tiles that resolve 1/64516 of its range: within a hair of the float32 reference.
+# to 64, 128 or 256), the query as two int8 tiles that resolve 1/64516 of its range: within a hair of the float32
+# reference.
 # With fp16 queries the output's own rounding (2**-11) stays under this, so a slip of a fraction of a percent fails.
 # The interpreter computes int8 dots exactly, so the CPU runs the path too.
 CODE_DOTS_TOLERANCE = 1e-3
 
 
-@pytest.mark.parametrize("head_dim,value_head_dim", [(128, 128), (96, 96), (72, 72), (64, 64), (40, 40), (64, 192)])
+@pytest.mark.parametrize(
+    "head_dim,value_head_dim",
+    [(256, 256), (200, 200), (128, 128), (96, 96), (72, 72), (64, 64), (40, 40), (64, 192)])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2), (8, 1)])
 def test_dots_on_int8_codes(head_dim, value_head_dim, heads, kv_heads):
     mode, dtype = KVQuantMode.INT8_PER_TOKEN_HEAD, torch.float16

@@ -5,8 +5,8 @@
 The key scale multiplies the score row (``(q . k_q[j]) * k_scale[j] * scaling``) and the value scale the
 probabilities before ``P . V``. Each int8/fp8 tile is converted to the query's dtype in registers (exact: int8 and
 e4m3 values are representable in bf16/fp16); no dequantized copy is ever written. Decode steps over int8 caches with
-heads of 64 or 128 channels skip that conversion for the keys: Q.K^T runs on the stored key codes (int8 tensor cores),
-the query split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of its range (`CODE_DOTS`).
+keys padded to 64, 128 or 256 channels skip that conversion for them: Q.K^T runs on the stored key codes (int8 tensor
+cores), the query split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of its range (`CODE_DOTS`).
 
 One program owns a block of *rows* of one (batch, KV head): row ``r`` is query ``r // group`` of query
 head ``kv_head * group + r % group``, so the query heads that share a KV head read each K/V tile once
@@ -50,14 +50,14 @@ _PROGRAMS_PER_SM_NARROW = 3
 _MIN_SPLIT_TOKENS = 512
 _MAX_SPLITS = 32
 # Decode steps of half-precision queries over int8 caches take Q.K^T on the stored key codes (int8 tensor cores) where
-# the keys pad to 64 or 128 channels: the query splits into two int8 tiles once per program, and no key code is widened.
-# P.V widens its value tiles: splitting P into codes costs a conversion per row and token of every tile, and measured
-# slower at head_dim 128 and 64, as did code dots in prefill tiles (64 rows; H200, eval/results/kernel_tuning.md). Keys
-# of 256 channels measured faster on codes at batch 1 only, and have not run the GPU tests that way. FP8 caches widen
+# the keys pad to 64, 128 or 256 channels: the query splits into two int8 tiles once per program, and no key code is
+# widened (at 256 channels, batch 1: 0.80 -> 0.72 x SDPA; batch 8 unchanged). P.V widens its value tiles: splitting P
+# into codes costs a conversion per row and token of every tile, and measured slower at head_dim 128 and 64, as did
+# code dots in prefill tiles (64 rows; H200, eval/results/kernel_tuning.md). FP8 caches widen
 # their tiles: Hopper's tensor cores take e4m3 only through wgmma, whose 64-row tiles a decode step (a few rows) would
 # mostly waste. False: widened tiles everywhere (for measurement).
 CODE_DOTS = True
-_CODE_QK_HEAD_DIMS = (64, 128)
+_CODE_QK_HEAD_DIMS = (64, 128, 256)
 
 
 @triton.jit
