@@ -43,10 +43,9 @@ from .launch import Launcher
 _LOG2E = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
 # Decode: split the tokens into as many parts as keep the programs at or under this many per SM (long programs stream
-# best; 3 where heads pad to at most 64 channels, whose tiles hold half the bytes), each split at least this long, and
-# into at most _MAX_SPLITS (one program merges them all).
+# best; more where heads pad to at most 64 channels, whose tiles hold half the bytes: `_decode_occupancy`), each split
+# at least this long, and into at most _MAX_SPLITS (one program merges them all).
 _PROGRAMS_PER_SM = 2
-_PROGRAMS_PER_SM_NARROW = 3
 _MIN_SPLIT_TOKENS = 512
 _MAX_SPLITS = 32
 # Decode steps of half-precision queries over int8 caches take Q.K^T on the stored key codes (int8 tensor cores) where
@@ -384,6 +383,21 @@ def _block_sizes(num_rows: int, block_d: int, float32: bool = False) -> tuple[in
     return 16 if wide else min(64, most), min(128, most), warps, 1 if wide else 2
 
 
+def _decode_occupancy(block_d: int, block_m: int, num_warps: int, programs: int, most_splits: int,
+                      sms: int) -> tuple[int, int]:
+    """(programs per SM, warps per program) of a decode step with ``programs`` row blocks, each split into at most
+    ``most_splits``. 2 per SM; heads of at most 64 channels (``block_d``) hold half the bytes per tile: 3 per SM, or 4
+    of 2 warps each where there are enough to fill every SM 4 deep (twice the bytes in flight for the warps of 2).
+    H200, Llama-3.2-1B heads, INT8 and FP8: (8, 32k) 0.66-0.71 -> 0.62-0.64 x SDPA, (32, 8k) 0.70-0.74 -> 0.65 x;
+    at batch 1 (too few programs) 0.77 -> 0.87 x, and rows of 64 (q_len 8) spill with 2 warps
+    (eval/results/kernel_tuning.md)."""
+    if block_d > 64:
+        return _PROGRAMS_PER_SM, num_warps
+    if num_warps == 4 and block_m == 16 and programs * most_splits >= 4 * sms:
+        return 4, 2
+    return 3, num_warps
+
+
 def _merge_width(splits: int, block_dv: int) -> int:
     """Splits' partials the merge reads at once (unrolled: their loads are in flight together): 8, or 16 past 8 splits
     (one memory latency fewer per 16). Values wider than 256 channels two at a time: more [rows, 512] float32 tiles in
@@ -444,9 +458,10 @@ def quantized_attention(
                                                            query.dtype == torch.float32)
     row_blocks = _cdiv(num_rows, block_m)
     programs = row_blocks * batch * kv_heads
-    narrow = max(block_dk, block_dv) <= 64
-    wanted_programs = (_PROGRAMS_PER_SM_NARROW if narrow else _PROGRAMS_PER_SM) * _num_sms(device)
-    splits = max(1, min(wanted_programs // programs, kv_len // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
+    most_splits = max(1, min(kv_len // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
+    sms = _num_sms(device)
+    per_sm, num_warps = _decode_occupancy(max(block_dk, block_dv), block_m, num_warps, programs, most_splits, sms)
+    splits = max(1, min(per_sm * sms // programs, most_splits))
     tokens_per_split = _cdiv(_cdiv(kv_len, splits), block_n) * block_n
     splits = max(1, _cdiv(kv_len, tokens_per_split))
 
