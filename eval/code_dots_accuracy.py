@@ -1,8 +1,8 @@
 """Accuracy of the decode kernel's Q.K^T on int8 key codes, on a real model: `tests/test_accuracy.py`'s protocol with
 the math of those dots in plain PyTorch.
 
-On a GPU, decode steps over INT8 caches with keys of 64 or 128 channels compute Q.K^T on the stored int8 key codes
-(`hf_kvquant.ops.attention_kernel`): the query becomes two int8 tiles, ``hi + lo / 254``, scaled per row by its
+On a GPU, decode steps over INT8 caches with keys of 64, 128 or 256 channels compute Q.K^T on the stored int8 key
+codes (`hf_kvquant.ops.attention_kernel`): the query becomes two int8 tiles, ``hi + lo / 254``, scaled per row by its
 largest channel (P.V widens the value codes, as the reference's float32 dots do). The CPU has no such kernel, so this
 script computes that rounding in PyTorch and runs it in place of every attention call of an INT8 cache: SmolLM2-135M
 in float32 (`attn_implementation="hf_kvquant"`), the first 2048 WikiText-2 tokens as a 256-token prefill and then
