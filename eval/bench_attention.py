@@ -11,13 +11,16 @@ bf16 queries; Llama-3-8B heads (32 query / 8 KV heads, head_dim 128) unless a ro
   dequantized by hf_kvquant's kernel), hf_kvquant's attention kernel alone, and SDPA over the same bf16 keys and
   values as it picks by default and pinned to each fused backend;
 - the device's copy bandwidth, to read the decode times against.
+Within a row the candidates are timed in rounds of rotating order (`ROUNDS`), so none always runs after the others.
 
     python eval/bench_attention.py [--out-dir eval/results]   # prints each row's JSON as it is measured
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -47,6 +50,12 @@ PREFILL_ROWS = [(1, 8192, 0), (1, 32768, 0), (4, 4096, 0), (1, 2048, 30720)]
 PREFILL_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
+# Each row times its candidates in this many rounds, each round in another order, and keeps each one's median: a
+# candidate timed always right after a long compute-bound one (the 32k prefills) would otherwise run on a hotter,
+# lower-clocked GPU than one timed first.
+ROUNDS = 3
+
+
 def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
@@ -54,6 +63,22 @@ def _bench(fn) -> float:
 def _bench_graph(fn) -> float:
     """GPU time alone: ``fn`` captured in a CUDA graph and replayed, so no host launch time between calls."""
     return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+def _bench_pinned(backend: SDPBackend, fn) -> float:
+    with sdpa_kernel(backend):
+        return _bench(fn)
+
+
+def _time_in_rounds(candidates: dict) -> dict[str, float]:
+    """``{name: (timer, fn)}`` -> ``{name: median ms over ROUNDS}``; round ``r`` starts at the ``r``-th candidate."""
+    names = list(candidates)
+    times = {name: [] for name in names}
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            timer, fn = candidates[name]
+            times[name].append(timer(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tensor, value: torch.Tensor):
@@ -69,6 +94,10 @@ def _quantized_cache(batch: int, length: int, mode: KVQuantMode, key: torch.Tens
             QuantizedKV(value_data, value_scale, 0, length, mode, DTYPE))
 
 
+def _dequantize_then_sdpa(query, key: QuantizedKV, value: QuantizedKV) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query, key.dequantize(), value.dequantize(), enable_gqa=True)
+
+
 def bench_decode(heads: tuple, batch: int, length: int) -> dict:
     name, num_heads, kv_heads, head_dim = heads
     query = torch.randn(batch, num_heads, 1, head_dim, device="cuda", dtype=DTYPE)
@@ -78,21 +107,20 @@ def bench_decode(heads: tuple, batch: int, length: int) -> dict:
     def sdpa():
         return F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
 
-    row = {"heads": f"{name} {num_heads}/{kv_heads}, d{head_dim}", "batch": batch, "cache_len": length,
-           "sdpa_bf16_ms": _bench(sdpa), "sdpa_bf16_graph_ms": _bench_graph(sdpa)}
+    row = {"heads": f"{name} {num_heads}/{kv_heads}, d{head_dim}", "batch": batch, "cache_len": length}
     reference = F.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2).float()
+    candidates = {"sdpa_bf16_ms": (_bench, sdpa), "sdpa_bf16_graph_ms": (_bench_graph, sdpa)}
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, length, mode, key, value)
         name = mode.short_name
-        row[f"{name}_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
-        row[f"{name}_graph_ms"] = _bench_graph(lambda: quantized_attention(query, qk, qv))
-        out = quantized_attention(query, qk, qv).float()
-        row[f"{name}_max_error_vs_bf16"] = (out - reference).abs().max().item()
+        kernel = functools.partial(quantized_attention, query, qk, qv)
+        candidates[f"{name}_ms"] = (_bench, kernel)
+        candidates[f"{name}_graph_ms"] = (_bench_graph, kernel)
+        row[f"{name}_max_error_vs_bf16"] = (kernel().float() - reference).abs().max().item()
         if mode is KVQuantMode.INT8_PER_TOKEN_HEAD:
-            row["dequant_sdpa_ms"] = _bench(lambda: F.scaled_dot_product_attention(
-                query, qk.dequantize(), qv.dequantize(), enable_gqa=True))
+            candidates["dequant_sdpa_ms"] = (_bench, functools.partial(_dequantize_then_sdpa, query, qk, qv))
             row["int8_bytes"] = sum(t.nbytes for t in (qk.data, qk.scale, qv.data, qv.scale))
-        qk = qv = None  # this mode's cache goes before the next one's is built
+    row.update(_time_in_rounds(candidates))
     row["int8_tb_per_s"] = row["int8_bytes"] / row["int8_ms"] / 1e9
     row["int8_over_sdpa"] = row["int8_ms"] / row["sdpa_bf16_ms"]
     row["fp8_over_sdpa"] = row["fp8_ms"] / row["sdpa_bf16_ms"]
@@ -116,28 +144,33 @@ def bench_prefill(batch: int, new: int, past: int) -> dict:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
 
-    row = {"batch": batch, "tokens": new, "past": past, "sdpa_default_ms": _bench(sdpa)}
+    row = {"batch": batch, "tokens": new, "past": past}
+    candidates = {"sdpa_default_ms": (_bench, sdpa)}
     # SDPA's default pick depends on the torch build and GPU: each fused backend pinned as well; None where it does
     # not take these inputs.
     for backend in PREFILL_SDPA_BACKENDS:
         field = f"sdpa_{backend.name.lower()}_ms"
         try:
             with sdpa_kernel(backend):
-                row[field] = _bench(sdpa)
+                sdpa()
+            candidates[field] = (functools.partial(_bench_pinned, backend), sdpa)
         except RuntimeError:
             row[field] = None
     reference = sdpa().float()
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, past + new, mode, key, value)
         name = mode.short_name
-        row[f"{name}_ms"] = _bench(lambda: attention(query, qk, qv))
-        row[f"{name}_kernel_ms"] = _bench(lambda: quantized_attention(query, qk, qv))
+        route = functools.partial(attention, query, qk, qv)
+        kernel = functools.partial(quantized_attention, query, qk, qv)
+        candidates[f"{name}_ms"] = (_bench, route)
+        candidates[f"{name}_kernel_ms"] = (_bench, kernel)
+        row[f"{name}_max_error_vs_bf16"] = (route().float() - reference).abs().max().item()
+        row[f"{name}_kernel_max_error_vs_bf16"] = (kernel().float() - reference).abs().max().item()
+    row.update(_time_in_rounds(candidates))
+    for mode in KVQuantMode:
+        name = mode.short_name
         row[f"{name}_over_sdpa_default"] = row[f"{name}_ms"] / row["sdpa_default_ms"]
         row[f"{name}_kernel_over_sdpa_default"] = row[f"{name}_kernel_ms"] / row["sdpa_default_ms"]
-        row[f"{name}_max_error_vs_bf16"] = (attention(query, qk, qv).float() - reference).abs().max().item()
-        row[f"{name}_kernel_max_error_vs_bf16"] = (
-            quantized_attention(query, qk, qv).float() - reference).abs().max().item()
-        qk = qv = None
     return row
 
 
@@ -146,7 +179,8 @@ def markdown(result: dict) -> str:
         f"Device: {result['device']}; {versions_line(result['versions'])}. Copy bandwidth "
         f"{result['copy_tb_per_s']:.2f} TB/s (read + written). Times are medians of `triton.testing.do_bench` (eager "
         "calls: host launch time included, as in eager decoding), in ms; the decode columns marked graphs are GPU "
-        "time alone, calls replayed from a CUDA graph (`do_bench_cudagraph`).",
+        "time alone, calls replayed from a CUDA graph (`do_bench_cudagraph`). Each row times its candidates in "
+        f"{ROUNDS} rounds, each round in another order, and gives each one's median round.",
         "",
         "Decode, 1 query token, bf16 queries; SDPA as it picks its backend by default:",
         "",
