@@ -329,6 +329,22 @@ def test_dots_on_int8_codes(head_dim, value_head_dim, heads, kv_heads):
           sinks=torch.linspace(-1.0, 2.0, heads, device=DEVICE))
 
 
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+def test_narrow_heads_decode_four_programs_per_sm(mode):
+    # Heads of at most 64 channels with enough (batch, KV head, split) programs run 4 of 2 warps per SM
+    # (`_decode_occupancy`): a batch large enough for this device's SMs, checked to take that path.
+    from hf_kvquant.ops.attention_kernel import _MAX_SPLITS, _MIN_SPLIT_TOKENS, _decode_occupancy, _num_sms
+
+    sms, kv_heads = _num_sms(torch.device(DEVICE)), 2
+    kv_len = min(_MAX_SPLITS * _MIN_SPLIT_TOKENS, 4096 if DEVICE == "cpu" else 16384)
+    most_splits = kv_len // _MIN_SPLIT_TOKENS
+    batch = -(-4 * sms // (kv_heads * most_splits))
+    assert _decode_occupancy(64, 16, 4, batch * kv_heads, most_splits, sms) == (4, 2)
+    for dtype in (torch.float16, torch.bfloat16) if HAS_CUDA else (torch.float16,):  # 4 warps: half-precision queries
+        _check(batch, 8, kv_heads, 1, kv_len, 64, mode, dtype)
+        _check(batch, 8, kv_heads, 1, kv_len + 37, 64, mode, dtype, pads=[5])  # a partial last tile, left padding
+
+
 def _attend_in_buffers_of_other_strides(mode, heads, q_len, kv_len, head_dim, dtype, token_minor):
     """Keys and values (2 KV heads) in buffers of different capacities, ``token_minor`` ("keys", "values", "neither")
     stored token-minor, both from slot 5: (key, value, the kernel's largest error against the float32 reference as a
