@@ -5,16 +5,18 @@ On a GPU, decode steps over INT8 caches with keys of 64, 128 or 256 channels com
 codes (`hf_kvquant.ops.attention_kernel`): the query becomes two int8 tiles, ``hi + lo / 254``, scaled per row by its
 largest channel (P.V widens the value codes, as the reference's float32 dots do). The CPU has no such kernel, so this
 script computes that rounding in PyTorch and runs it in place of every attention call of an INT8 cache: SmolLM2-135M
-in float32 (`attn_implementation="hf_kvquant"`), the first 2048 WikiText-2 tokens as a 256-token prefill and then
+(head_dim 64) or Gemma-3-270M (head_dim 256, sliding windows) in float32 (`attn_implementation="hf_kvquant"`), the first
+2048 WikiText-2 tokens as a 256-token prefill and then
 64-token chunks, against an unquantized DynamicCache run (mean KL and top-1 agreement over every position), beside an
 INT8 cache whose attention is the plain reference. The rounding is applied to every call, prefill and chunks too,
 where the GPU applies it to decode steps only (at most 64 query rows per KV head): an upper bound on its cost.
 
-    python eval/code_dots_accuracy.py [--out-dir DIR]
+    python eval/code_dots_accuracy.py [--model smollm2|gemma3] [--out-dir DIR]   # writes code_dots_accuracy[_gemma3]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -28,56 +30,42 @@ from hf_kvquant.evaluation.data import load_text
 from hf_kvquant.evaluation.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import environment, out_dir_argument, versions_line, write_results
+from common import RESULTS, environment, versions_line, write_results
 
 N_TOKENS, PREFILL, CHUNK = 2048, 256, 64  # as tests/test_accuracy.py
+MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
 # The control: the plain reference with each query element moved by this fraction of itself (a random sign). Far below
 # the code dots' rounding, it still moves some keys and values across a rounding boundary of their codes in later
 # layers, and so re-draws the cache's quantization noise: the spread of mean KL that any change of the arithmetic has.
 JITTER = 1e-6
 CONTROL_SEEDS = (0, 1, 2)
+REFERENCE_ATTENTION = hf_kvquant.ops._attention  # on the CPU: dequantize, then the plain-PyTorch reference
 def two_int8_tiles(x: torch.Tensor) -> torch.Tensor:
     """``x`` (within +-127) as the kernel's ``hi + lo / 254`` (`_as_codes`)."""
     hi = torch.floor(x + 0.5)
     return hi + torch.floor((x - hi) * 254 + 0.5) / 254
 
 
-def code_dot_attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks, own_workspace=False):
-    """`hf_kvquant.ops._attention` with the rounding of the kernel's Q.K^T on int8 key codes, for causal attention
-    without window, soft-capping or sinks (SmolLM2's). Returns ``[batch, q_len, heads, head_dim]``."""
-    if sliding_window is not None or softcap is not None or sinks is not None or key.length is not None:
-        raise ValueError("code_dot_attention covers causal attention over a DynamicCache-like window only")
-    window = slice(key.start, key.end)
-    group = query.shape[1] // key.data.shape[1]
-    k_codes, k_scale, v_codes, v_scale = (t[:, :, window].float().repeat_interleave(group, dim=1)
-                                          for t in (key.data, key.scale, value.data, value.scale))
+def code_dot_attention(query, *args, **kwargs):
+    """`hf_kvquant.ops._attention` (the plain reference here) with the rounding of the kernel's Q.K^T on int8 key
+    codes: the query as two int8 tiles per row, in units of its largest channel / 127 / 254. The kernel's
+    ``(q_codes . k_codes) * q_unit * k_scale`` is ``q_rounded . (k_codes * k_scale)``: the same numbers up to float32
+    summation order, so the reference's masks, windows, soft-capping and sinks all apply unchanged."""
     q = query.float()
     q_unit = q.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    q = two_int8_tiles(q / q_unit) * q_unit
-    q_len, kv_len = q.shape[2], k_codes.shape[2]
-    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = (q @ k_codes.transpose(-1, -2)) * k_scale[:, :, None, :] * scaling
-    visible = torch.arange(kv_len) <= torch.arange(kv_len - q_len, kv_len)[:, None]
-    if padding_mask is not None:
-        visible = visible & padding_mask[:, None, None, :kv_len].bool()
-    scores = scores.masked_fill(~visible, float("-inf"))
-    p = torch.exp(scores - scores.amax(-1, keepdim=True))
-    out = (p * v_scale[:, :, None, :]) @ v_codes
-    return (out / p.sum(-1, keepdim=True)).transpose(1, 2).to(query.dtype)
+    return REFERENCE_ATTENTION(two_int8_tiles(q / q_unit) * q_unit, *args, **kwargs)
 
 
 def jittered_attention(generator: torch.Generator):
     """`hf_kvquant.ops._attention` (the plain reference here) with the query moved by ``JITTER`` of itself."""
-    reference_attention = hf_kvquant.ops._attention
-
     def attention(query, *args, **kwargs):
         sign = torch.randint(0, 2, query.shape, generator=generator).to(query.dtype) * 2 - 1
-        return reference_attention(query * (1 + JITTER * sign), *args, **kwargs)
+        return REFERENCE_ATTENTION(query * (1 + JITTER * sign), *args, **kwargs)
     return attention
 
 
-def measure() -> dict:
-    model, tokenizer = load_model("smollm2", dtype=torch.float32, attn_implementation=ATTENTION_NAME)
+def measure(model_name: str) -> dict:
+    model, tokenizer = load_model(model_name, dtype=torch.float32, attn_implementation=ATTENTION_NAME)
     text, source = load_text()
     ids = tokenizer(text[: 8 * N_TOKENS], return_tensors="pt").input_ids[:, :N_TOKENS]
     caches = {"dynamic": DynamicCache(config=model.config),
@@ -88,7 +76,6 @@ def measure() -> dict:
     kl = dict.fromkeys(list(caches)[1:], 0.0)
     agree = dict.fromkeys(kl, 0)
     positions = 0
-    reference_attention = hf_kvquant.ops._attention
     attention = {"int8_code_dots": code_dot_attention,
                  **{f"int8_jittered_{seed}": jittered_attention(torch.Generator().manual_seed(seed))
                     for seed in CONTROL_SEEDS}}
@@ -98,18 +85,18 @@ def measure() -> dict:
             targets = ids[0, start + 1 : end + 1]
             logprobs = {}
             for name, cache in caches.items():
-                hf_kvquant.ops._attention = attention.get(name, reference_attention)
+                hf_kvquant.ops._attention = attention.get(name, REFERENCE_ATTENTION)
                 try:
                     logits = model(ids[:, start:end], past_key_values=cache, use_cache=True).logits
                 finally:
-                    hf_kvquant.ops._attention = reference_attention
+                    hf_kvquant.ops._attention = REFERENCE_ATTENTION
                 logprobs[name] = logits[0, : len(targets)].double().log_softmax(-1)
             reference = logprobs["dynamic"]
             for name in kl:
                 kl[name] += float((reference.exp() * (reference - logprobs[name])).sum())
                 agree[name] += int((reference.argmax(-1) == logprobs[name].argmax(-1)).sum())
             positions += len(targets)
-    return {**environment("cpu"), "model": "smollm2", "text": source, "positions": positions,
+    return {**environment("cpu"), "model": model_name, "text": source, "positions": positions,
             **{f"{name}_mean_kl": kl[name] / positions for name in kl},
             **{f"{name}_top1_agreement": agree[name] / positions for name in kl}}
 
@@ -119,7 +106,8 @@ def markdown(r: dict) -> str:
     controls = [r[f"int8_jittered_{seed}_mean_kl"] / r["int8_mean_kl"] - 1 for seed in CONTROL_SEEDS]
     return ("# INT8 decode Q.K^T on the key codes: accuracy\n\n"
             f"Written by `eval/code_dots_accuracy.py` ({r['device']}; {versions_line(r['versions'])}). "
-            f"SmolLM2-135M float32, {r['positions']} WikiText-2 positions, KL to an unquantized DynamicCache run.\n\n"
+            f"{MODEL_NAMES[r['model']]} float32, {r['positions']} WikiText-2 positions, KL to an unquantized "
+            "DynamicCache run.\n\n"
             "| INT8 cache attention | mean KL | top-1 agreement |\n| --- | --- | --- |\n"
             f"| reference (float32 dots) | {r['int8_mean_kl']:.6f} | {r['int8_top1_agreement']:.4f} |\n"
             f"| Q.K^T on int8 key codes (rounding of the decode kernel) | {r['int8_code_dots_mean_kl']:.6f} | "
@@ -133,11 +121,15 @@ def markdown(r: dict) -> str:
 
 
 def main() -> None:
-    out_dir = out_dir_argument(__doc__)
-    result = measure()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=list(MODEL_NAMES), default="smollm2")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    result = measure(args.model)
     text = markdown(result)
     print(text)
-    write_results(out_dir, "code_dots_accuracy", result, text)
+    write_results(args.out_dir, "code_dots_accuracy" + ("" if args.model == "smollm2" else f"_{args.model}"), result,
+                  text)
 
 
 if __name__ == "__main__":
