@@ -29,7 +29,6 @@ rows of the runs A and B, e.g. one run split over two invocations).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 from hf_kvquant.evaluation import ACCEPTED_MODES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import RESULTS, environment, versions_line
+from common import environment, results_parser, versions_line
 from generate_budget import SEARCH_CACHES, past_deadline, search_budget
 from generate_report import fmt, markdown, save
 from generate_speed import (CACHES, COMPILED, EAGER_CACHES, SHAPES, bench_row, build_model, cache_keys, free_memory,
@@ -87,7 +86,7 @@ def _caches(text: str, offered: dict = CACHES) -> list[str]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = results_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="the 2-layer model and short rows (CPU smoke run)")
     parser.add_argument("--quick", action="store_true", help="two 1B rows, fewer steps, a coarse search")
@@ -121,7 +120,6 @@ def parse_args(argv=None):
                         help="seconds allowed to JIT-build quanto's extension (0: use its plain-PyTorch unpack)")
     parser.add_argument("--deadline-s", type=float, default=0.0,
                         help="start no new cache or search attempt after this many seconds (0: none)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench_generate", help="the outputs' name: NAME.json, NAME.md, NAME.png")
     parser.add_argument("--replot", action="store_true",
                         help="rewrite the markdown and plot from the JSON in --out-dir")

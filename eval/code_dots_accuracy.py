@@ -16,7 +16,6 @@ where the GPU applies it to decode steps only (at most 64 query rows per KV head
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from hf_kvquant.evaluation.data import load_text
 from hf_kvquant.evaluation.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import RESULTS, environment, versions_line, write_results
+from common import environment, results_parser, versions_line, write_results
 
 N_TOKENS, PREFILL, CHUNK = 2048, 256, 64  # as tests/test_accuracy.py
 MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
@@ -121,9 +120,8 @@ def markdown(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = results_parser(__doc__)
     parser.add_argument("--model", choices=list(MODEL_NAMES), default="smollm2")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     result = measure(args.model)
     text = markdown(result)

@@ -61,11 +61,16 @@ def copy_bandwidth() -> dict[str, float]:
     return {"ms": ms, "tb_per_s": 2 * src.nbytes / ms / 1e9}
 
 
-def out_dir_argument(doc: str) -> Path:
-    """The command line of a benchmark whose only option is ``--out-dir``; its description is ``doc``'s first line."""
+def results_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's command line with ``--out-dir`` (default eval/results); its description is ``doc``'s first line."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    return parser.parse_args().out_dir
+    return parser
+
+
+def out_dir_argument(doc: str) -> Path:
+    """The command line of a benchmark whose only option is ``--out-dir``."""
+    return results_parser(doc).parse_args().out_dir
 
 
 def write_results(out_dir: Path, name: str, result: dict, markdown: str | None = None) -> Path:
