@@ -226,13 +226,19 @@ def hf_kvquant_attention(
 
 def _written_slots_last(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor):
     """A preallocated cache that is not ours (transformers' `StaticCache`) hands over every slot, the unwritten ones
-    masked (`padding_mask`); the reference places the queries at the last keys. Rotate the slots so that the last
-    written one (the last column any row sees) comes last, on the device (no host read: compileable). The order of the
-    written slots, hence causality and sliding windows, is kept; a cache without unwritten slots is unchanged.
-    ``key``/``value`` ``[batch, kv_heads, slots, head_dim]``, ``mask`` ``[batch, slots]``."""
+    masked (`padding_mask`); the reference places the queries at the last keys. The written slots (up to the last
+    column any row sees) are kept, in order, so causality and sliding windows hold; a cache without unwritten slots is
+    unchanged. ``key``/``value`` ``[batch, kv_heads, slots, head_dim]``, ``mask`` ``[batch, slots]``.
+
+    Eagerly they are sliced, as `ops.attention` slices a preallocated `QuantizedKV` to its live slots: the same sums
+    over the same numbers, so the two paths agree to the bit. Compiled, a host read would break the graph: the slots
+    are rotated on the device instead, the last written one last (the unwritten ones, masked, first)."""
     slots = key.shape[2]
     ramp = torch.arange(slots, device=mask.device)
     written = torch.where(mask.bool().any(0), ramp + 1, 0).max()
+    if not torch.compiler.is_compiling():
+        live = int(written)  # one host read per layer, on this fallback path only
+        return key[:, :, :live], value[:, :, :live], mask[:, :live]
     index = (ramp + written) % slots
     return key.index_select(2, index), value.index_select(2, index), mask.index_select(1, index)
 
