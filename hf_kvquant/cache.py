@@ -880,8 +880,13 @@ class _StatesAndQuantizedAttention(LinearAttentionLayer):
     def get_max_length(self) -> int:
         return self._attention.get_max_length(self)
 
-    def activate_past_recording(self) -> None:
-        LinearAttentionLayer.activate_past_recording(self)
+    def get_seq_length(self):
+        # The tokens the attention part holds (transformers 5.25's `LinearAttentionCacheLayerMixin` counts the
+        # convolution's updates instead, which a model need not make once per token: Inkling's positions drifted).
+        return self._attention.get_seq_length(self)
+
+    def activate_past_recording(self, **kwargs) -> None:
+        LinearAttentionLayer.activate_past_recording(self, **kwargs)  # 5.25: recurrent_states_to_keep=...
         if hasattr(self._attention, "activate_past_recording"):
             self._attention.activate_past_recording(self)
 
