@@ -183,7 +183,8 @@ def test_help(capsys):
 
 
 def test_default_comparison(capsys, tiny_model):
-    out = _run(capsys, ["--model", tiny_model, "--prompt", PROMPT, "--max-new-tokens", "4"])
+    # --device cpu: the CPU's defaults (float32, the CPU note); without it the CLI takes a GPU where there is one
+    out = _run(capsys, ["--model", tiny_model, "--prompt", PROMPT, "--max-new-tokens", "4", "--device", "cpu"])
     lines = out.splitlines()
     assert lines[0].startswith(f"model: {tiny_model} (float32 on cpu, sdpa attention, growing caches), prompt: ")
     table = lines[lines.index(next(line for line in lines if line.startswith("cache "))):]
@@ -206,7 +207,7 @@ def test_preallocated_caches(capsys, tiny_model, monkeypatch):
     original = QuantizedPerTokenHeadCache.reset
     monkeypatch.setattr(QuantizedPerTokenHeadCache, "reset", lambda self: (resets.append(self), original(self))[1])
     out = _run(capsys, ["--model", tiny_model, "--prompt", PROMPT, "--max-new-tokens", "4", "--max-cache-len", "48",
-                        "--mode", "unquantized", "int8"])
+                        "--mode", "unquantized", "int8", "--device", "cpu"])
     assert "caches preallocated for 48" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("StaticCache ", "Quant"))}
     # 2 layers x (keys + values) x 48 slots x 1 KV head: float32 x 64 values, or 64 bytes + a float32 scale
@@ -219,7 +220,7 @@ def test_hadamard_and_hf_kvquant_attention(capsys, tiny_model):
     """The rotated INT8 cache through hf_kvquant's attention (its plain-PyTorch path on CPU); the default cache keeps
     sdpa, and only the modes asked for run."""
     out = _run(capsys, ["--model", tiny_model, "--prompt", PROMPT, "--max-new-tokens", "3", "--mode", "int8",
-                        "--hadamard", "--attention", ATTENTION_NAME])
+                        "--hadamard", "--attention", ATTENTION_NAME, "--device", "cpu"])
     assert f"{ATTENTION_NAME} attention" in out.splitlines()[0]
     assert "QuantizedPerTokenHeadCache int8_per_token_head+hadamard" in out
     assert "DynamicCache" not in out and "fp8" not in out and "vs default" not in out
@@ -230,7 +231,7 @@ def test_the_main_job_on_smollm2(capsys, smollm2, monkeypatch):
     """The README's main job (``python -m hf_kvquant``), with the session's SmolLM2 and fewer tokens: memory and text
     of the default cache and of both quantized caches, side by side."""
     monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: smollm2)
-    out = _run(capsys, ["--max-new-tokens", "6"])
+    out = _run(capsys, ["--max-new-tokens", "6", "--device", "cpu"])  # the session's model is on the CPU
     assert out.startswith("model: smollm2 (float32 on cpu, sdpa attention, growing caches)")
     held = {line.split()[1]: int(line.split()[2].replace(",", "")) for line in out.splitlines()
             if line.startswith("QuantizedPerTokenHeadCache ")}
@@ -239,3 +240,11 @@ def test_the_main_job_on_smollm2(capsys, smollm2, monkeypatch):
     assert set(held) == {"int8_per_token_head", "fp8_per_token_head"}
     assert all(n < default / 2 for n in held.values())  # 1 byte + a scale per value against float32's 4 bytes
     assert out.count("\n--- ") == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_is_the_default_device_where_there_is_one(capsys, tiny_model):
+    """Without --device the CLI takes the GPU, in bfloat16, and says so (no CPU note)."""
+    out = _run(capsys, ["--model", tiny_model, "--prompt", PROMPT, "--max-new-tokens", "3", "--mode", "int8"])
+    assert out.splitlines()[0].startswith(f"model: {tiny_model} (bfloat16 on cuda")
+    assert cli.CPU_NOTE not in out.splitlines()
