@@ -22,7 +22,8 @@ from transformers import DynamicCache, StaticCache
 
 from . import ATTENTION_NAME, kv_cache_nbytes
 from .evaluation.caches import ACCEPTED_MODES, ALL_MODES, CacheMode, make_cache, parse_mode
-from .evaluation.models import DEFAULT_MODEL, PACKAGED_MODELS, load_model, load_tokenizer, resolve_model
+from .evaluation.extras import MissingExtraError
+from .evaluation.models import DEFAULT_MODEL, PACKAGED_MODELS, check_loadable, load_model, load_tokenizer
 
 DEFAULT_PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -147,8 +148,8 @@ def _check(args: argparse.Namespace) -> argparse.Namespace:
     args.device = _device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     try:
-        resolve_model(args.model)
-    except FileNotFoundError as e:
+        check_loadable(args.model)
+    except (FileNotFoundError, MissingExtraError) as e:
         raise CliError(str(e)) from None
     return args
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .extras import require
+
 WIKITEXT_ENV = "HF_KVQUANT_WIKITEXT"
 WIKITEXT = "wikitext"  # the name that means "WikiText-2 raw test, local file if present, else the hub"
 HUB_WIKITEXT = "hf:Salesforce/wikitext:wikitext-2-raw-v1:test"
@@ -48,6 +50,9 @@ def load_text(source: str = WIKITEXT) -> tuple[str, str]:
 
 
 def _load_hub_text(source: str) -> str:
+    hint = (f" (no local WikiText-2: set ${WIKITEXT_ENV} to a copy of wiki.test.raw, or pass a file path)"
+            if source == HUB_WIKITEXT else "")
+    require("datasets", f"reading {source} from the hub{hint}")
     import datasets  # optional: only hub sources need it
 
     name, config, split = (source[3:].split(":") + [None, "test"])[:3]

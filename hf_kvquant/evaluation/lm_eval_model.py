@@ -35,9 +35,20 @@ import inspect
 import sys
 
 import torch
-from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
-from lm_eval.utils import get_rolling_token_windows
+
+from .extras import missing_extra
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import get_rolling_token_windows
+except ModuleNotFoundError as e:
+    if e.name is None or e.name.split(".")[0] != "lm_eval":
+        raise
+    error = missing_extra("lm_eval", "hf_kvquant.evaluation.lm_eval_model")
+    if __name__ == "__main__":
+        sys.exit(f"error: {error}")  # the command line: one line, status 1
+    raise error from e
 from tqdm import tqdm
 
 from .caches import make_cache, parse_mode

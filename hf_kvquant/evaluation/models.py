@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .extras import require
+
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -80,9 +82,18 @@ def resolve_model(model: str) -> tuple[str, str | None]:
     return model, None
 
 
+def check_loadable(model: str) -> tuple[str, str | None]:
+    """`resolve_model`, and for a GGUF file the ``gguf`` package transformers reads it with (`MissingExtraError`,
+    naming the ``demo`` extra, where it is missing)."""
+    source, gguf_file = resolve_model(model)
+    if gguf_file is not None:
+        require("gguf", f"reading the GGUF file of {model}")
+    return source, gguf_file
+
+
 def load_tokenizer(model: str = DEFAULT_MODEL):
     """The tokenizer of ``model`` (any name `resolve_model` accepts), without the weights."""
-    source, gguf_file = resolve_model(model)
+    source, gguf_file = check_loadable(model)
     return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
 
 
@@ -90,7 +101,7 @@ def load_model(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, d
                tokenizer=None, **kwargs):
     """``(model, tokenizer)`` in eval mode; ``tokenizer`` reuses one already loaded (`load_tokenizer`); extra keyword
     arguments go to ``from_pretrained`` (``attn_implementation``, ``device_map``, ...)."""
-    source, gguf_file = resolve_model(model)
+    source, gguf_file = check_loadable(model)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     lm = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype, **kwargs)
