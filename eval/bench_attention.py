@@ -13,7 +13,10 @@ bf16 queries; Llama-3-8B heads (32 query / 8 KV heads, head_dim 128) unless a ro
 - the device's copy bandwidth, to read the decode times against.
 Within a row the candidates are timed in rounds of rotating order (`ROUNDS`), so none always runs after the others.
 
-    python eval/bench_attention.py [--out-dir eval/results]   # prints each row's JSON as it is measured
+Writes ``bench_attention.json`` and ``.md`` into ``--out-dir`` (default: a new folder under the temporary directory;
+``--out-dir eval/results`` rewrites the published ones).
+
+    python eval/bench_attention.py [--out-dir DIR]   # prints each row's JSON as it is measured
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,8 @@ from hf_kvquant.ops import attention
 from hf_kvquant.ops.attention_kernel import quantized_attention
 from hf_kvquant.ops.quantize_kernel import quantize_into_triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import copy_bandwidth, environment, out_dir_argument, versions_line, write_results
+from lib.environment import copy_bandwidth, environment, versions_line
+from lib.results import out_dir_argument, write_results
 
 DTYPE = torch.bfloat16
 LLAMA3_8B = ("Llama-3-8B", 32, 8, 128)  # (heads of, query heads, KV heads, head_dim)
@@ -222,7 +223,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    out_dir = out_dir_argument(__doc__)
+    out_dir = out_dir_argument(__doc__, "bench_attention")
     result = {**environment("cuda"), "copy_tb_per_s": copy_bandwidth()["tb_per_s"], "decode": [], "prefill": []}
     for kind, bench, rows in (("decode", bench_decode, DECODE_ROWS), ("prefill", bench_prefill, PREFILL_ROWS)):
         for row in rows:
@@ -230,7 +231,7 @@ def main() -> None:
             print(json.dumps(result[kind][-1]), flush=True)  # each row as it comes: a cut run keeps what it measured
     text = markdown(result)
     print(text)
-    write_results(out_dir, "bench_attention", result, text)
+    print(f"wrote {write_results(out_dir, 'bench_attention', result, text)}.json and .md")
 
 
 if __name__ == "__main__":

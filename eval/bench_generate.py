@@ -1,30 +1,32 @@
 """End-to-end generation benchmark (GPU): random-weight Llama models in bf16, one process, every cache side by side.
 
-The command line over three modules beside it: `generate_speed` (the models, the caches compared and the timed rows:
-prefill, decode wall and GPU time, memory), `generate_budget` (the largest batch and the longest context that fit in a
-memory budget) and `generate_report` (the issue's targets, the tables and the plot). The rows run first, then the
+The command line over eval/lib's helpers: `lib.models` and `lib.caches` (the models and the caches compared),
+`lib.generate_row` (the timed rows: prefill, decode wall and GPU time, memory), `lib.generate_budget` (the largest
+batch and the longest context that fit in a memory budget) and `lib.generate_report` (the issue's targets, the tables
+and the plot). The rows run first, then the
 budget searches (their model rebuilt: seconds), so a run cut short by ``--deadline-s`` loses the search first.
-``--caches`` takes the keys of `generate_speed.CACHES`, and any mode name for hf_kvquant's caches (``int8``,
+``--caches`` takes the keys of `lib.caches.CACHES`, and any mode name for hf_kvquant's caches (``int8``,
 ``int8_per_token_head``, ...; ``unquantized`` is ``dynamic``). By default the eager caches run; the compiled ones
 (``static_compiled``, transformers' bf16 `StaticCache` + compile, the anchor, and ``static_compiled_no_cudnn``
 without cuDNN SDPA; ``int8_compiled``, ``fp8_compiled``: ours preallocated + compile) are named with ``--caches`` or
 chosen by ``--compiled``, which runs ``static_compiled``, ``int8_compiled``, ``fp8_compiled`` and eager ``int8`` on
 the issue's rows (the shapes' rows; ``--rows`` picks some) and no budget search. They compile as
-`generate` does (`generate_speed` says how they are measured): ``--compile-backend`` (inductor) and
+`generate` does (`lib.generate_row` says how they are measured): ``--compile-backend`` (inductor) and
 ``--compile-mode`` (reduce-overhead, i.e. CUDA graphs; ``none``: torch.compile's default), and ``--match-steps``
 greedy steps of each are checked against the same cache decoded eagerly. Before the first row, one untimed compiled
 step per compiled cache on the tiny model pays the process's one-time compile costs.
 
-Writes ``NAME.json`` and ``NAME.md`` (``--name``, default ``bench_generate``) into ``--out-dir`` after every cache of
+Writes ``NAME.json`` and ``NAME.md`` (``--name``, default ``bench_generate``) into ``--out-dir`` (default: a new
+folder under the temporary directory; ``--out-dir eval/results`` rewrites the published ones) after every cache of
 every row (a run cut short keeps what it measured) and ``NAME.png`` at the end (matplotlib, if installed;
 ``--replot`` redraws the table and plot from the JSON, on any machine; ``--replot --merge A,B`` writes NAME from the
 rows of the runs A and B, e.g. one run split over two invocations).
 
     python eval/bench_generate.py [--quick] [--shapes 1b,8b] [--rows 1b:8x8192,...] [--caches dynamic,int8,...]
-        [--steps 16] [--repeats 3] [--search-shapes 1b] [--budget-gib 40] [--deadline-s 540] [--out-dir eval/results]
+        [--steps 16] [--repeats 3] [--search-shapes 1b] [--budget-gib 40] [--deadline-s 540] [--out-dir DIR]
     python eval/bench_generate.py --compiled --shapes 1b --name bench_generate_compiled_1b    # compiled vs StaticCache
     python eval/bench_generate.py --device cpu --tiny      # CPU smoke run of the plumbing (2-layer model)
-    python eval/bench_generate.py --replot [--out-dir eval/results] [--name NAME] [--merge NAME1,NAME2]
+    python eval/bench_generate.py --replot --out-dir DIR [--name NAME] [--merge NAME1,NAME2]
 """
 
 from __future__ import annotations
@@ -32,19 +34,21 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from hf_kvquant.evaluation import ACCEPTED_MODES
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import environment, results_parser, versions_line
-from generate_budget import SEARCH_CACHES, past_deadline, search_budget
-from generate_report import fmt, markdown, save
-from generate_speed import (CACHES, COMPILED, EAGER_CACHES, SHAPES, bench_row, build_model, cache_keys, free_memory,
-                            prepare_quanto, prewarm_compile)
+from lib.caches import CACHES, COMPILED, EAGER_CACHES, cache_keys
+from lib.decoding import free_memory
+from lib.environment import environment, versions_line
+from lib.generate_budget import SEARCH_CACHES, past_deadline, search_budget
+from lib.generate_report import fmt, markdown, save
+from lib.generate_row import bench_row, prewarm_compile
+from lib.models import SHAPES, build_model
+from lib.quanto import prepare_quanto
+from lib.results import resolve_out_dir, results_parser
 
 QUICK = dict(rows="1b:1x2048,1b:8x8192", steps=8, repeats=2, search_granularity=8, search_caches="dynamic,int8")
 TINY = dict(shapes="tiny", rows="tiny:1x128,tiny:2x256", search_shapes="tiny", search_context=256, warmup_prompt=16,
@@ -133,6 +137,9 @@ def parse_args(argv=None):
         if flag in argv:
             parser.set_defaults(**defaults)  # explicit options still win
     args = parser.parse_args(argv)
+    if args.replot and args.out_dir is None:
+        parser.error("--replot redraws NAME.json of --out-dir: name that folder")
+    args.out_dir = resolve_out_dir(args.out_dir, args.name)
     args.device = torch.device(args.device)
     args.dtype_ = getattr(torch, args.dtype)
     args.compile_mode = None if args.compile_mode.lower() == "none" else args.compile_mode
@@ -188,7 +195,7 @@ def run(args, argv) -> dict:
             result["skipped"]["hf_quanto_int4"] = f"optimum-quanto unusable: {type(error).__name__}: {error}"
             caches = [k for k in caches if k != "hf_quanto_int4"]
             args.search_caches_ = [k for k in args.search_caches_ if k != "hf_quanto_int4"]
-    print(f"{result['device']}; {versions_line(result['versions'])}")
+    print(f"{result['device']}; {versions_line(result['versions'])}; writing to {args.out_dir}")
 
     def checkpoint(with_plot: bool = False) -> None:
         result["elapsed_s"] = time.perf_counter() - args.start_

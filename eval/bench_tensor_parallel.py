@@ -13,9 +13,10 @@ bf16, SDPA) and `QuantizedPerTokenHeadCache` INT8 and FP8 with hf_kvquant's atte
 One command does everything: a single process on cuda:0 builds the random model (saved once with save_pretrained,
 the checkpoint that ``tp_plan="auto"`` needs) and runs world size 1; then ``torch.distributed.run`` runs world size
 2 (NCCL, each rank loads its shard of that checkpoint); the two are merged side by side into
-``OUT_DIR/bench_tensor_parallel.{json,md}``.
+``OUT_DIR/bench_tensor_parallel.{json,md}`` (``--out-dir``; default: a new folder under the temporary directory,
+``--out-dir eval/results`` rewrites the published ones).
 
-    python eval/bench_tensor_parallel.py [--out-dir eval/results] [--model-dir DIR]
+    python eval/bench_tensor_parallel.py [--out-dir DIR] [--model-dir DIR]
     python eval/bench_tensor_parallel.py --tiny   # the plumbing on CPU: tiny model, short prompt, 2 gloo ranks
 """
 
@@ -40,10 +41,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_kvquant import ATTENTION_NAME, KVQuantMode, kv_cache_nbytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import RESULTS, device_name, versions, versions_line, write_results
-from generate_speed import CACHES as GENERATE_CACHES
-from generate_speed import build_cache, cache_keys, decode, free_memory, prefill, synchronize, time_decode
+from lib.caches import CACHES as GENERATE_CACHES
+from lib.caches import build_cache, cache_keys
+from lib.decoding import decode, free_memory, prefill, synchronize, time_decode
+from lib.environment import device_name, versions, versions_line
+from lib.results import add_out_dir, resolve_out_dir, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZES = (1, 2)
@@ -288,9 +290,8 @@ def _markdown(result: dict) -> str:
 
 
 def drive(args, run: Run) -> int:
-    out_dir = Path(args.out_dir) if args.out_dir else (
-        RESULTS if not args.tiny else Path(tempfile.mkdtemp(prefix="bench_tp_tiny_")))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench_tensor_parallel" + ("_tiny" if args.tiny else "")
+    out_dir = resolve_out_dir(args.out_dir, stem)
     parts_dir = Path(tempfile.mkdtemp(prefix="bench_tp_parts_"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -302,7 +303,6 @@ def drive(args, run: Run) -> int:
     worker_args = [str(Path(__file__).resolve()), *sys.argv[1:], "--worker", "--part"]
     launchers = {1: [sys.executable],
                  2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]}
-    stem = "bench_tensor_parallel" + ("_tiny" if args.tiny else "")
     codes = {}
     for ws in WORLD_SIZES:
         try:
@@ -332,7 +332,7 @@ def _write_results(out_dir: Path, stem: str, run: Run, codes: dict, parts_dir: P
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU plumbing check: tiny model, short prompt, gloo")
-    parser.add_argument("--out-dir", help="where the table goes (default eval/results; a temp dir with --tiny)")
+    add_out_dir(parser)
     parser.add_argument("--model-dir", help="the random checkpoint, saved once and reused "
                                             "(default: a folder under the system temp dir)")
     parser.add_argument("--caches", default=",".join(CACHES),

@@ -7,15 +7,16 @@
 2. The quantize kernel on a 32k-token prefill of that shape against the device's copy bandwidth,
    measured in the same run.
 
-    python eval/bench_update.py [--out-dir eval/results]    # writes bench_update.json there
+Writes ``bench_update.json`` into ``--out-dir`` (default: a new folder under the temporary directory; ``--out-dir
+eval/results`` rewrites the published one).
+
+    python eval/bench_update.py [--out-dir DIR]
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import triton
@@ -24,8 +25,8 @@ from transformers import LlamaConfig
 from hf_kvquant import ATTENTION_NAME, KVQuantMode, QuantizedPerTokenHeadCache
 from hf_kvquant.ops.quantize_kernel import quantize_into_triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import copy_bandwidth, environment, out_dir_argument, versions_line, write_results
+from lib.environment import copy_bandwidth, environment, versions_line
+from lib.results import out_dir_argument, write_results
 
 BATCH, KV_HEADS, HEAD_DIM, DTYPE = 8, 8, 128, torch.bfloat16
 DECODE_LENGTHS = (1024, 32768)
@@ -91,7 +92,7 @@ def bench_prefill_quantize(mode: KVQuantMode) -> dict:
 
 
 def main() -> None:
-    out_dir = out_dir_argument(__doc__)
+    out_dir = out_dir_argument(__doc__, "bench_update")
     result = {
         **environment("cuda"),
         "shape": {"batch": BATCH, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": str(DTYPE)},
@@ -116,7 +117,7 @@ def main() -> None:
     for r in result["prefill_quantize"]:
         r["fraction_of_copy"] = r["tb_per_s"] / result["copy"]["tb_per_s"]
         print(f"{r['mode']:<22}{r['ms']:>8.3f} ms {r['tb_per_s']:>6.2f} TB/s = {r['fraction_of_copy']:.0%} of copy")
-    write_results(out_dir, "bench_update", result)
+    print(f"\nwrote {write_results(out_dir, 'bench_update', result)}.json")
 
 
 if __name__ == "__main__":

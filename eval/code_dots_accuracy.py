@@ -16,8 +16,6 @@ where the GPU applies it to decode steps only (at most 64 query rows per KV head
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -28,8 +26,8 @@ from hf_kvquant import ATTENTION_NAME, QuantizedPerTokenHeadCache
 from hf_kvquant.evaluation.data import load_text
 from hf_kvquant.evaluation.models import load_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import environment, results_parser, versions_line, write_results
+from lib.environment import environment, versions_line
+from lib.results import resolve_out_dir, results_parser, write_results
 
 N_TOKENS, PREFILL, CHUNK = 2048, 256, 64  # as tests/test_accuracy.py
 MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
@@ -126,8 +124,8 @@ def main() -> None:
     result = measure(args.model)
     text = markdown(result)
     print(text)
-    write_results(args.out_dir, "code_dots_accuracy" + ("" if args.model == "smollm2" else f"_{args.model}"), result,
-                  text)
+    name = "code_dots_accuracy" + ("" if args.model == "smollm2" else f"_{args.model}")
+    print(f"wrote {write_results(resolve_out_dir(args.out_dir, name), name, result, text)}.json and .md")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ import argparse
 import re
 import shlex
 import sys
-import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -52,8 +50,8 @@ from hf_kvquant.evaluation import (
     resolve_model,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import environment, versions_line, write_results
+from lib.environment import environment, versions_line
+from lib.results import add_out_dir, resolve_out_dir, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,18 +96,6 @@ def _load(model: str, dtype: torch.dtype, device: str):
             f"cannot load model {model!r} as {tried}: {type(e).__name__}: {reason}. Accepted: "
             f"{', '.join(PACKAGED_MODELS)}, a .gguf path, a model folder or a hub id"
         ) from e
-
-
-def default_out_dir(name: str) -> Path:
-    """A folder no earlier run wrote, outside the repository: ``<temp>/hf_kvquant_results/NAME-<date>-<time>`` (a
-    suffix where that exists). Not created here: the first result written creates it."""
-    root = Path(tempfile.gettempdir()) / "hf_kvquant_results"
-    stem = f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    path, n = root / stem, 1
-    while path.exists():
-        n += 1
-        path = root / f"{stem}-{n}"
-    return path
 
 
 def _slug(model: str) -> str:
@@ -169,9 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model weights and activations (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="(default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
-                        help="where NAME.json and NAME.md go; eval/results holds the published ones (default: a new "
-                             "folder under the temporary directory, hf_kvquant_results/NAME-<date>-<time>)")
+    add_out_dir(parser)
     parser.add_argument("--name", default=None, help="result file name without suffix (default: perplexity_<model>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -231,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     name = args.name or f"perplexity_{_slug(args.model)}"
-    out_dir = args.out_dir if args.out_dir is not None else default_out_dir(name)
+    out_dir = resolve_out_dir(args.out_dir, name)
     stem = out_dir / name
     saved = []
 

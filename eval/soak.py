@@ -4,8 +4,8 @@
 context holds ``--tokens`` tokens (default 131072), over one preallocated `QuantizedPerTokenHeadCache`
 (``max_cache_len=--tokens``). Each step is compiled as `generate` compiles it: ``model.get_compiled_call(
 CompileConfig(fullgraph=True, ...))`` (inductor + ``reduce-overhead``: CUDA graphs), fed what `generate` feeds it
-(`generate_speed.GenerateInputs`; here its 2D mask is a view of one row made up front, see `PreallocatedInputs`),
-cold (`generate_speed.compiling`: dynamo reset, a fresh inductor cache).
+(`lib.decoding.GenerateInputs`; here its 2D mask is a view of one row made up front, see `PreallocatedInputs`),
+cold (`lib.decoding.compiling`: dynamo reset, a fresh inductor cache).
 Every ``--chunk`` steps (1024): one synchronize, the chunk's ms/step and the memory allocated. Checks:
 
 * memory: allocated after every chunk (the first excepted: it records the CUDA graphs) within
@@ -39,33 +39,21 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import CompileConfig
 
 from hf_kvquant.evaluation import ACCEPTED_MODES, parse_mode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval/'s shared modules, however this script is started
-from common import environment, versions_line, write_results
-from generate_budget import past_deadline
-from generate_report import fmt
-from generate_speed import (
-    SHAPES,
-    GenerateInputs,
-    as_generate,
-    build_cache,
-    build_model,
-    compiled_call,
-    compiling,
-    decode,
-    free_memory,
-    prefill,
-    synchronize,
-)
-from perplexity import default_out_dir
+from lib.caches import build_cache
+from lib.decoding import (GenerateInputs, allocated_bytes, as_generate, compiled_call, compiling, decode, free_memory,
+                          graphs_compiled, prefill, synchronize)
+from lib.environment import environment, versions_line
+from lib.generate_budget import past_deadline
+from lib.models import SHAPES, build_model
+from lib.results import add_out_dir, resolve_out_dir, write_results
+from lib.soak_report import MIB, markdown
 
-MIB = 1 << 20
 # The CPU smoke run: the 2-layer model, a short sequence in small chunks, a few short calls, dynamo's eager backend.
 TINY = {"shape": "tiny", "device": "cpu", "dtype": "float32", "tokens": 192, "prompt": 32, "chunk": 32, "calls": 6,
         "call_prompts": "24,8", "new_tokens": 4, "compile_backend": "eager", "compile_mode": "none", "threads": 1}
@@ -88,14 +76,6 @@ class PreallocatedInputs(GenerateInputs):
             ids, next_sequence_length=1, cache=cache, attention_mask=self.mask, position_ids=self.positions,
             use_cache=True, logits_to_keep=1)
         return self.forward(**inputs).logits
-
-
-def _allocated(device: torch.device) -> int | None:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-
-
-def _graphs_compiled() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def _within(values: list[int | None], tolerance: int) -> bool | None:
@@ -133,13 +113,13 @@ def long_sequence(model, args, result: dict, checkpoint) -> None:
         next_ids = prefill(model, cache, ids)
         step = PreallocatedInputs(model, compiled_call(model, args), 1, args.prompt, device, args.tokens)
         synchronize(device)
-        part["allocated_after_prefill"] = _allocated(device)
+        part["allocated_after_prefill"] = allocated_bytes(device)
         start = time.perf_counter()
         next_ids = decode(model, cache, next_ids, 1, step)  # compiles
         synchronize(device)
         part["compile_s"] = time.perf_counter() - start
         context = args.prompt + 1
-        graphs = _graphs_compiled()
+        graphs = graphs_compiled()
         while context < args.tokens:
             if out_of_time(args, keep_s=args.reserve_s if args.calls > 0 else 0.0):
                 part["stopped"] = "deadline"
@@ -152,12 +132,12 @@ def long_sequence(model, args, result: dict, checkpoint) -> None:
             seconds = time.perf_counter() - start
             context += steps
             part["chunks"].append({"context": context, "steps": steps, "ms_per_step": seconds / steps * 1e3,
-                                   "allocated": _allocated(device)})
+                                   "allocated": allocated_bytes(device)})
             checkpoint()
         part["tokens"] = int(cache.get_seq_length())  # one host read, after the run
         if part["tokens"] != context:
             raise RuntimeError(f"the cache holds {part['tokens']} tokens after {context} were written")
-        part["graphs_compiled_after_first_step"] = _graphs_compiled() - graphs
+        part["graphs_compiled_after_first_step"] = graphs_compiled() - graphs
         part["complete"] = context >= args.tokens
         part["cache_nbytes"] = cache.nbytes
         del cache, step, next_ids
@@ -215,7 +195,7 @@ def many_calls(model, args, result: dict, checkpoint) -> None:
 
     free_memory(device, collect=True)
     with as_generate(), compiling(model):  # generate compiles its own call: nothing of (a)'s graphs is reused
-        graphs_before = _graphs_compiled()
+        graphs_before = graphs_compiled()
         fresh = []
         for prompt in prompts:
             if past_deadline(args):
@@ -235,15 +215,15 @@ def many_calls(model, args, result: dict, checkpoint) -> None:
             start = time.perf_counter()
             tokens = generate(cache, prompts[index])  # .cpu(): synchronised
             seconds = time.perf_counter() - start
-            part["calls"].append({"prompt": lengths[index], "seconds": seconds, "allocated": _allocated(device),
+            part["calls"].append({"prompt": lengths[index], "seconds": seconds, "allocated": allocated_bytes(device),
                                   "equal_to_fresh": torch.equal(tokens, fresh[index])})
             if call == 0:
-                graphs = _graphs_compiled()
+                graphs = graphs_compiled()
             if call % 10 == 9:
                 checkpoint()
         part["complete"] = len(part["calls"]) == args.calls
-        part["graphs_compiled"] = _graphs_compiled() - graphs_before  # > 0: generate did compile
-        part["graphs_compiled_after_first_call"] = None if graphs is None else _graphs_compiled() - graphs
+        part["graphs_compiled"] = graphs_compiled() - graphs_before  # > 0: generate did compile
+        part["graphs_compiled_after_first_call"] = None if graphs is None else graphs_compiled() - graphs
         del cache
     calls = part["calls"]
     part["allocated_after_first"] = calls[0]["allocated"] if calls else None
@@ -253,86 +233,6 @@ def many_calls(model, args, result: dict, checkpoint) -> None:
     part["calls_equal_to_fresh"] = sum(c["equal_to_fresh"] for c in calls)
     part["outputs_equal"] = bool(calls) and part["calls_equal_to_fresh"] == len(calls)
     free_memory(device, collect=True)
-
-
-# -- the report ----------------------------------------------------------------------------------------------------
-
-
-def _verdict(value) -> str:
-    return {True: "pass", False: "**FAIL**", None: "–"}[value]
-
-
-def _mib(value) -> str:
-    return fmt(value, ".1f", MIB)
-
-
-def _table(header: list[str], align: list[str], rows) -> list[str]:
-    """A markdown table, then a blank line."""
-    return [f"| {' | '.join(header)} |", f"| {' | '.join(align)} |",
-            *(f"| {' | '.join(str(v) for v in row)} |" for row in rows), ""]
-
-
-def _every(items: list, most: int) -> list:
-    """At most about ``most`` of ``items``, evenly spaced, the last one included."""
-    step = max(1, len(items) // most)
-    return [(i, item) for i, item in enumerate(items) if i % step == 0 or i == len(items) - 1]
-
-
-def markdown(result: dict) -> str:
-    s = result["settings"]
-    memory_tolerance = f"{s['memory_tolerance_mib']:g} MiB"
-    lines = [f"# Soak: {s['model']}, {s['mode']}, {s['dtype']}", "",
-             f"{result['device']}; {versions_line(result['versions'])}", "",
-             (f"Compiled with backend {s['compile_backend']}, mode {s['compile_mode']}. Elapsed "
-              f"{result['elapsed_s']:.0f} s; complete: {result['complete']}."), ""]
-    long, calls = result.get("long"), result.get("calls")
-    checks = []
-    if long:
-        checks += [(f"(a) memory allocated flat over the chunks (within {memory_tolerance})",
-                    _verdict(long.get("memory_flat"))),
-                   (f"(a) ms/step within {s['time_tolerance']:.0%} of a line in the context length",
-                    _verdict(long.get("step_time_flat")))]
-    if calls:
-        checks += [(f"(b) memory allocated after each call within {memory_tolerance} of the first's",
-                    _verdict(calls.get("memory_flat"))),
-                   ("(b) every call's tokens equal a fresh cache's", _verdict(calls.get("outputs_equal")))]
-    lines += _table(["check", "result"], ["---", "---"], checks)
-    if long:
-        fit = long.get("fit", {})
-        lines += [(f"## (a) one sequence of {long.get('tokens', 0)} tokens (target {long['target_tokens']}, prompt "
-                   f"{long['prompt']}), batch 1"), ""]
-        lines += _table(["figure", "value"], ["---", "---:"], [
-            ("compile (the first step), s", fmt(long.get("compile_s"), ".1f")),
-            ("cache, MiB", _mib(long.get("cache_nbytes"))),
-            ("allocated after the prefill, MiB", _mib(long.get("allocated_after_prefill"))),
-            ("allocated after each chunk but the first, MiB: least / most",
-             f"{_mib(long.get('allocated_min'))} / {_mib(long.get('allocated_max'))}"),
-            ("ms/step, first measured / last chunk",
-             f"{fmt(long.get('ms_per_step_first_chunk'), '.3f')} / {fmt(long.get('ms_per_step_last_chunk'), '.3f')}"),
-            ("fit: ms/step at no context + per 1k tokens of context",
-             f"{fmt(fit.get('ms_at_zero'), '.3f')} + {fmt(fit.get('ms_per_1k_tokens'), '.4f')}"),
-            ("the growth as a read of the cache, GB/s", fmt(fit.get("growth_gb_per_s"), ".0f")),
-            ("largest deviation of a chunk from the line", fmt(fit.get("max_relative_deviation"), ".1%")),
-            ("graphs compiled after the first step", long.get("graphs_compiled_after_first_step", "–")),
-        ])
-        lines += _table(["context", "ms/step", "allocated MiB"], ["---:"] * 3, [
-            (c["context"], f"{c['ms_per_step']:.3f}", _mib(c["allocated"])) for _, c in _every(long["chunks"], 32)])
-    if calls:
-        done = calls["calls"]
-        lines += [f"## (b) {len(done)} generate calls (target {calls['target_calls']}) reusing one cache", "",
-                  (f"Prompts of {calls['prompts']} tokens in turn, {calls['new_tokens']} new tokens each, "
-                   f"max_cache_len {calls['max_cache_len']}."), ""]
-        lines += _table(["figure", "value"], ["---", "---:"], [
-            ("allocated after the first call, MiB", _mib(calls.get("allocated_after_first"))),
-            ("allocated after the others, most, MiB", _mib(calls.get("allocated_max_after"))),
-            ("calls whose tokens equal a fresh cache's", f"{calls.get('calls_equal_to_fresh')} of {len(done)}"),
-            ("graphs compiled / after the first call",
-             f"{calls.get('graphs_compiled', '–')} / {calls.get('graphs_compiled_after_first_call', '–')}"),
-        ])
-        lines += _table(["call", "prompt", "s", "allocated MiB", "= fresh"], ["---:"] * 4 + ["---"], [
-            (i + 1, c["prompt"], f"{c['seconds']:.3f}", _mib(c["allocated"]), c["equal_to_fresh"])
-            for i, c in _every(done, 20)])
-    return "\n".join(lines)
 
 
 # -- the command line ------------------------------------------------------------------------------------------------
@@ -359,8 +259,7 @@ def parse_args(argv=None):
     parser.add_argument("--deadline-s", type=float, default=0.0, help="stop cleanly after this many seconds (0: none)")
     parser.add_argument("--reserve-s", type=float, default=90.0,
                         help="with --deadline-s: (a) stops this long before the deadline, leaving (b) its time")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="default: a fresh folder under the system's temporary directory")
+    add_out_dir(parser)
     parser.add_argument("--name", default="soak", help="the outputs' name: NAME.json, NAME.md")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch during the run (0: unchanged; --tiny: 1, fastest for its tensors)")
@@ -384,7 +283,7 @@ def parse_args(argv=None):
     args.device = torch.device(args.device)
     args.dtype_ = getattr(torch, args.dtype)
     args.compile_mode = None if args.compile_mode.lower() == "none" else args.compile_mode
-    args.out_dir = args.out_dir if args.out_dir is not None else default_out_dir(args.name)
+    args.out_dir = resolve_out_dir(args.out_dir, args.name)
     return args
 
 

@@ -1,7 +1,7 @@
 """eval/bench_generate.py, the end-to-end generation benchmark, through its CPU smoke path (``--device cpu --tiny``):
 the same code as the GPU run on a 2-layer model, one short row, every eager cache, and the memory-budget search; the
 compiled caches (``--compiled``, dynamo's trace with the eager backend: fast on CPU); and its parts
-(eval/generate_speed.py, eval/generate_budget.py) where a test needs them directly.
+(eval/lib/: the models, caches, decode loop and budget search) where a test needs them directly.
 
 The GPU figures themselves come from running the script on an H100 (see `eval/results/bench_generate.md`).
 """
@@ -12,18 +12,14 @@ import importlib.util
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hf_kvquant import ATTENTION_NAME, QuantizedPerTokenHeadCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # eval/'s modules, by their plain names
 import bench_generate
-import generate_budget
-import generate_speed
+from lib import caches, decoding, generate_budget, models
 
 HAS_QUANTO = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
 BATCH, PROMPT, STEPS, REPEATS, WARMUP_STEPS, MATCH_STEPS = 2, 256, 2, 2, 2, 4
@@ -51,7 +47,7 @@ def test_every_cache_runs_and_reports_positive_finite_numbers(run):
     assert result["complete"]
     (row,) = result["rows"]
     assert (row["shape"], row["batch"], row["prompt"]) == ("tiny", BATCH, PROMPT)
-    expected = [key for key in generate_speed.EAGER_CACHES if HAS_QUANTO or key != "hf_quanto_int4"]  # the default
+    expected = [key for key in caches.EAGER_CACHES if HAS_QUANTO or key != "hf_quanto_int4"]  # the default
     assert list(row["caches"]) == expected
     for key, entry in row["caches"].items():
         assert "error" not in entry, (key, entry.get("error"))
@@ -159,7 +155,7 @@ def test_files_are_written(run):
     text = (out / "bench_generate.md").read_text()
     assert "## Headline" in text and "## Memory budget" in text and "## Targets" in text
     for key in result["rows"][0]["caches"]:
-        assert f"| {generate_speed.CACHES[key][0]} |" in text
+        assert f"| {caches.CACHES[key][0]} |" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "bench_generate.png").stat().st_size > 10_000
 
@@ -189,25 +185,25 @@ def test_largest_fitting_doubles_then_bisects():
 def test_a_silent_fallback_is_caught():
     """A hf_kvquant cache built without the model's config hands attention dequantized tensors: the call counter the
     benchmark checks at warm-up sees it."""
-    model = generate_speed.build_model(generate_speed.SHAPES["tiny"], torch.device("cpu"), torch.float32)
+    model = models.build_model(models.SHAPES["tiny"], torch.device("cpu"), torch.float32)
     model.set_attn_implementation(ATTENTION_NAME)
     ids = torch.zeros(1, 8, dtype=torch.long)
     with torch.inference_mode():
-        with generate_speed.count_hf_kvquant_calls() as calls:
-            generate_speed.prefill(model, QuantizedPerTokenHeadCache(mode="int8_per_token_head"), ids)
+        with caches.count_hf_kvquant_calls() as calls:
+            decoding.prefill(model, QuantizedPerTokenHeadCache(mode="int8_per_token_head"), ids)
         assert calls == {"calls": 2, "quantized": 0}
-        with generate_speed.count_hf_kvquant_calls() as calls:
-            generate_speed.prefill(model, generate_speed.build_cache("int8", model), ids)
+        with caches.count_hf_kvquant_calls() as calls:
+            decoding.prefill(model, caches.build_cache("int8", model), ids)
         assert calls == {"calls": 2, "quantized": 2}
 
 
 def test_cache_names_are_the_baselines_keys_and_the_mode_vocabulary():
-    keys = generate_speed.cache_keys("hf_fp8, unquantized,int8_per_token_head,int8,fp8,none")
+    keys = caches.cache_keys("hf_fp8, unquantized,int8_per_token_head,int8,fp8,none")
     assert keys == ["hf_fp8", "dynamic", "int8", "fp8"]  # each once, in the order given
     for bad in ("int8+hadamard", "int4", "dynamic_fp8"):
         with pytest.raises(ValueError, match=re.escape(f"unknown cache '{bad}'") + ".*int8_per_token_head"):
-            generate_speed.cache_keys(bad)
+            caches.cache_keys(bad)
     with pytest.raises(ValueError, match="unknown cache 'hf_fp8'"):  # a cache not offered there
-        generate_speed.cache_keys("hf_fp8", {"dynamic": None})
+        caches.cache_keys("hf_fp8", {"dynamic": None})
     with pytest.raises(SystemExit, match="unknown cache 'int4'"):
         bench_generate.parse_args(["--caches", "int8,int4"])

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from hf_kvquant.evaluation import (
     perplexity,
 )
 from hf_kvquant.evaluation.data import is_document_title, wikitext_documents
+from lib.results import default_out_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "eval" / "tasks"
@@ -459,21 +461,21 @@ def test_cli_help_states_each_default_once(cli, capsys):
 
 
 def test_cli_default_out_dir_is_fresh_and_outside_the_repository(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
-    first = cli.default_out_dir("perplexity_smollm2")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = default_out_dir("perplexity_smollm2")
     assert first.parent == tmp_path / "hf_kvquant_results" and first.name.startswith("perplexity_smollm2-")
     assert not first.exists()  # created by the first result written, not before
     first.mkdir(parents=True)
-    second = cli.default_out_dir("perplexity_smollm2")
+    second = default_out_dir("perplexity_smollm2")
     assert second != first and not second.exists()
-    monkeypatch.setattr(cli.tempfile, "tempdir", None)
-    assert REPO not in cli.default_out_dir("x").parents
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert REPO not in default_out_dir("x").parents
     assert cli.parse_args([]).out_dir is None  # the published eval/results only when named
 
 
 def test_cli_errors_leave_nothing_behind(cli, capsys, tmp_path, monkeypatch):
     """Without --out-dir, a run that stops on an error creates no result folder."""
-    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     text = tmp_path / "t.txt"
     text.write_text("Some text to score.\n")
     _error(cli, capsys, ["--modes", "int4"])
@@ -493,7 +495,8 @@ def test_cli_unknown_model(cli, capsys, tmp_path, model):
 
 
 def _env() -> dict:
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    # eval/ too: runpy.run_path does not put the script's folder on sys.path as `python eval/X.py` does
+    path = os.pathsep.join([str(REPO), str(REPO / "eval"), os.environ.get("PYTHONPATH", "")])
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
 
 
@@ -572,7 +575,7 @@ def test_cli_writes_to_a_fresh_folder_by_default(cli, capsys, tmp_path, smollm2,
     """Without --out-dir the results go to a new folder under the temporary directory, named on stderr and stdout;
     eval/results is left alone."""
     monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: smollm2)
-    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     published = {p: p.stat().st_mtime_ns for p in (REPO / "eval" / "results").glob("perplexity_*")}
     text = tmp_path / "t.txt"
     text.write_text(" The quick brown fox jumps over the lazy dog . " * 20)

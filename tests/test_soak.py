@@ -6,16 +6,14 @@ on made-up measurements. The GPU figures come from running the script on an H200
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # eval/'s modules, by their plain names
 import soak
-from generate_speed import SHAPES
+from lib.models import SHAPES
 
 TOKENS, PROMPT, CHUNK, CALLS = 192, 32, 32, 6
 

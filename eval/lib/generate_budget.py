@@ -19,8 +19,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from common import GIB
-from generate_speed import CACHES, SHAPES, build_cache, decode, free_memory, kv_bytes, synchronize
+from lib.caches import CACHES, build_cache, kv_bytes
+from lib.decoding import decode, free_memory, synchronize
+from lib.environment import GIB
+from lib.models import SHAPES
 
 # The budget search writes the context in this many chunks per layer: the random source chunk stays ~1/16 of a
 # bf16 layer, while the O(chunks) copies that growing caches make stay cheap.

@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from common import GIB, versions_line, write_results
-from generate_speed import CACHES, COMPILED, REPEATED_PREFILL_TOKENS
+from lib.caches import CACHES, COMPILED
+from lib.environment import GIB, versions_line
+from lib.generate_row import REPEATED_PREFILL_TOKENS
+from lib.results import write_results
 
 
 def _row_label(row: dict) -> str:
