@@ -17,6 +17,7 @@ import os
 import re
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 import warnings
@@ -83,7 +84,9 @@ def test_the_checks_find_the_readme_code():
 RUNNER = """
 import json, sys
 namespace = {"__name__": "__main__"}
-for line, code in json.load(open(sys.argv[1], encoding="utf-8")):
+with open(sys.argv[1], encoding="utf-8") as f:
+    blocks = json.load(f)
+for line, code in blocks:
     print(f"--- README.md line {line}", flush=True)
     # Blank lines in front: a traceback names the README's own line numbers.
     exec(compile("\\n" * (line - 1) + code, sys.argv[2], "exec"), namespace)
@@ -104,12 +107,15 @@ def test_python_blocks_run_as_written(tmp_path):
     (tmp_path / "blocks.json").write_text(json.dumps(blocks), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json"), str(README)],
+    # -W default: every warning is shown once (a snippet a reader copies should not warn); none may appear.
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", RUNNER, str(tmp_path / "blocks.json"), str(README)],
                           check=False, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     ran = re.findall(r"^--- README\.md line (\d+)$", proc.stdout, flags=re.MULTILINE)
     assert [int(line) for line in ran] == [line for line, _ in blocks]
     assert proc.stdout.rstrip().endswith("--- every block ran")
+    warned = [line for line in proc.stderr.splitlines() if re.search(r"\w+Warning\b", line)]
+    assert not warned, "the README's snippets warn:\n" + "\n".join(warned)
 
 
 # -- the commands ------------------------------------------------------------------------------------------------
@@ -218,6 +224,12 @@ def _check_lm_eval(args: argparse.Namespace) -> None:
 @pytest.mark.parametrize("command", _commands(), ids=lambda command: command.replace("python ", "", 1)[:60])
 def test_command_parses(command, monkeypatch):
     words = shlex.split(command)
+    if words[:2] == ["jupyter", "execute"]:  # the notebook: tests/test_notebook.py executes it; here, what it names
+        assert len(words) == 3 and (REPO / words[2]).is_file(), f"README command `{command}`: no such notebook"
+        if importlib.util.find_spec("nbclient") is not None:  # nbclient (the notebook extra) brings the command
+            assert shutil.which("jupyter-execute", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                         os.environ.get("PATH", "")])), command
+        return
     assert words[0] == "python", command
     if words[1] == "-m":
         program, argv = words[2], words[3:]

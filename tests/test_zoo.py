@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))  # eval/'s modules, by their plain names
-import zoo
+import zoo  # eval/zoo.py (pyproject's pytest pythonpath)
 
 ARCHITECTURES = zoo.decoder_only_architectures()
 # The reasons hf_kvquant may give for not serving an architecture. Anything else it refuses is a regression. (Head
