@@ -797,3 +797,47 @@ def test_head_dim_80_round_trip(tmp_path):
     assert all(layer.rotation is hadamard_matrix(80) for layer in loaded.layers)
     with pytest.raises(ValueError, match="layer 0 head_dim mismatch: expected 64, found 80"):
         QuantizedPerTokenHeadCache.load(path, config=llama_config(layers=2, heads=2, head_dim=64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files written by an earlier version (tests/data/make_v1_files.py, format version 1) still load
+# ---------------------------------------------------------------------------------------------------------------
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _v1_caches():
+    """The caches of tests/data/make_v1_files.py, rebuilt the same way: name -> (config, cache)."""
+    llama, gemma = llama_config(layers=2, head_dim=16), gemma_config(["sliding_attention", "full_attention"], 4,
+                                                                      head_dim=16)
+    recording = QuantizedPerTokenHeadCache(config=gemma, mode="int8")
+    fill(recording, [3], batch=1, head_dim=16, seed=7)
+    recording.layers[0].activate_past_recording()
+    caches = {
+        "growable_int8": (llama, QuantizedPerTokenHeadCache(config=llama, mode="int8"), [5, 1, 1]),
+        "preallocated_fp8": (llama, QuantizedPerTokenHeadCache(config=llama, mode="fp8", max_cache_len=12), [4, 1]),
+        "gemma3_sliding_int8": (gemma, QuantizedPerTokenHeadCache(config=gemma, mode="int8"), [6, 1, 1]),
+        "gemma3_recording_int8": (gemma, recording, [2, 1]),
+        "hadamard_fp8": (llama, QuantizedPerTokenHeadCache(config=llama, mode="fp8", hadamard=True), [4, 2]),
+    }
+    return {name: (config, fill(cache, steps, batch=1, head_dim=16, seed=3))
+            for name, (config, cache, steps) in caches.items()}
+
+
+@pytest.mark.parametrize("name", ["growable_int8", "preallocated_fp8", "gemma3_sliding_int8", "gemma3_recording_int8",
+                                  "hadamard_fp8"])
+def test_files_of_format_version_1_still_load(name):
+    config, expected = _v1_caches()[name]
+    loaded = QuantizedPerTokenHeadCache.load(os.path.join(DATA, f"{name}.v1.safetensors"), config=config)
+    assert (loaded.mode, loaded.hadamard, loaded.max_cache_len) == (expected.mode, expected.hadamard,
+                                                                    expected.max_cache_len)
+    assert_same_state(state(expected, live_only=True), state(loaded, live_only=True))
+    assert [layer.is_sliding for layer in loaded.layers] == [layer.is_sliding for layer in expected.layers]
+    assert [layer.get_mask_sizes(1) for layer in loaded.layers] == [layer.get_mask_sizes(1) for layer in
+                                                                    expected.layers]
+    # the loaded cache goes on as the original does: the same handed-over windows and the same state
+    for index in range(len(expected.layers)):
+        k, v = tokens((1, 1, 2, 16), seed=40 + index)
+        for got, want in zip(loaded.update(k, v, index), expected.update(k, v, index)):
+            assert torch.equal(got, want)
+    assert_same_state(state(expected, live_only=True), state(loaded, live_only=True))
