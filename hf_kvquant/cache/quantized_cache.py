@@ -22,6 +22,7 @@ import functools
 import torch
 from transformers.cache_utils import Cache, DummyLayer, LinearAttentionCacheLayerMixin, get_layer_types_and_kwargs
 
+from ..generation import install_generate_length_check
 from ..modes import KVQuantMode
 from ..persistence import load_cache, save_cache
 from ..quantized_kv import ATTENTION_NAME
@@ -79,6 +80,8 @@ class QuantizedPerTokenHeadCache(Cache):
             raise ValueError(f"max_cache_len must be a positive int or None; got {max_cache_len!r}")
         self.max_cache_len = max_cache_len
         self.config = None if config is None else config.get_text_config(decoder=True)
+        if max_cache_len is not None:
+            install_generate_length_check(unless_removed=True)  # a too-small cache: refused before step one
         if self.config is None:  # full-attention layers, added as `update` reaches them
             super().__init__(layer_class_to_replicate=functools.partial(
                 cache_layer, "full_attention", {}, self.mode, self.hadamard, max_cache_len))
@@ -181,8 +184,9 @@ class QuantizedPerTokenHeadCache(Cache):
         last new token are written to the cache (the last is never fed back), so it needs ``max_length - 1`` slots,
         as transformers sizes its own `StaticCache`. ``max_new_tokens``, where known, splits the numbers in the
         message. Raises a `ValueError` giving the numbers and the smallest ``max_cache_len`` that fits; a growable
-        cache (no ``max_cache_len``) always fits. Importing hf_kvquant has `generate` call this before its first step
-        (`hf_kvquant.integration`), so no token is generated and nothing is stored.
+        cache (no ``max_cache_len``) always fits. Building a cache with ``max_cache_len`` has `generate` call this
+        before its first step (`hf_kvquant.install_generate_length_check`), so no token is generated and nothing is
+        stored.
         """
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int (prompt + new tokens); got {max_length!r}")
