@@ -1,6 +1,5 @@
-"""hf_kvquant's attention, registered with transformers under `ATTENTION_NAME`: the one place that talks to its
-registries (and the one hook into `generate`: a preallocated cache too small for the call is refused before the first
-step).
+"""hf_kvquant's attention, registered with transformers under `ATTENTION_NAME` (`register`): the one place that talks
+to its registries. (The one change to transformers' own behaviour, a check in `generate`, is `hf_kvquant.generation`.)
 
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=hf_kvquant.ATTENTION_NAME)
     cache = QuantizedPerTokenHeadCache(config=model.config, mode="int8_per_token_head")
@@ -21,18 +20,14 @@ exact since ``R`` is orthogonal (`hf_kvquant.rotation`). The plain-PyTorch paths
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 
 import torch
 from transformers import AttentionInterface
-from transformers.generation.utils import GenerationMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops
-from .cache import QuantizedPerTokenHeadCache
 from .ops.reference import attention_reference
 from .quantized_kv import ATTENTION_NAME, QuantizedKV
 from .rotation import rotate, unrotate
@@ -243,40 +238,9 @@ def _written_slots_last(key: torch.Tensor, value: torch.Tensor, mask: torch.Tens
     return key.index_select(2, index), value.index_select(2, index), mask.index_select(1, index)
 
 
-def _checking_cache_length(prepare_cache):
-    """``GenerationMixin._prepare_cache_for_generation`` that first hands a `QuantizedPerTokenHeadCache` the length
-    `generate` will fill (`QuantizedPerTokenHeadCache.check_generation_length`).
-
-    `generate` calls it once, before its first step, with ``max_cache_length`` (prompt + new tokens - 1, from which it
-    sizes its own `StaticCache`); for a cache passed in by the user, transformers only checks conflicting arguments
-    there and never compares that length with the cache's. Other caches, and calls whose arguments do not bind (a
-    transformers that renamed them), pass through unchanged: the cache's `update` still refuses an overflow."""
-    signature = inspect.signature(prepare_cache)
-
-    @functools.wraps(prepare_cache)
-    def prepare_cache_checked(*args, **kwargs):
-        try:
-            arguments = signature.bind(*args, **kwargs).arguments
-        except TypeError:
-            arguments = {}
-        model_kwargs, length = arguments.get("model_kwargs"), arguments.get("max_cache_length")
-        if isinstance(model_kwargs, dict) and isinstance(length, int):
-            cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-            cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: the decoder's
-            if isinstance(cache, QuantizedPerTokenHeadCache):
-                max_new_tokens = getattr(arguments.get("generation_config"), "max_new_tokens", None)
-                cache.check_generation_length(length + 1, max_new_tokens)
-        return prepare_cache(*args, **kwargs)
-
-    prepare_cache_checked.hf_kvquant_checks_cache_length = True
-    return prepare_cache_checked
-
-
 def register() -> None:
-    """Register the attention function and its mask function under `ATTENTION_NAME`, and have `generate` refuse a
-    preallocated `QuantizedPerTokenHeadCache` too small for the call before its first step (done on import)."""
+    """Register the attention function and its mask function under `ATTENTION_NAME` with transformers'
+    `AttentionInterface` and `AttentionMaskInterface`, so that ``attn_implementation=ATTENTION_NAME`` picks them.
+    Importing hf_kvquant does this; calling it again re-registers the same functions."""
     AttentionInterface.register(ATTENTION_NAME, hf_kvquant_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
-    prepare_cache = GenerationMixin._prepare_cache_for_generation
-    if not getattr(prepare_cache, "hf_kvquant_checks_cache_length", False):
-        GenerationMixin._prepare_cache_for_generation = _checking_cache_length(prepare_cache)

@@ -38,23 +38,12 @@ from importlib import metadata as _package_metadata
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers.cache_utils import DummyLayer, LinearAttentionCacheLayerMixin
 
-from .cache import (
-    SUPPORTED_DTYPES,
-    QuantizedPerTokenHeadCache,
-    QuantizedPerTokenHeadLayer,
-    QuantizedPerTokenHeadSlidingWindowLayer,
-    QuantizedPerTokenHeadStaticLayer,
-    _as_bytes,
-    _grown_capacity,
-)
 from .modes import KVQuantMode
 
 FORMAT_NAME = "hf_kvquant.QuantizedPerTokenHeadCache"
 FORMAT_VERSION = 1
-BUFFER_NAMES = ("key_data", "key_scale", "value_data", "value_scale")
-_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
+BUFFER_NAMES = ("key_data", "key_scale", "value_data", "value_scale")  # a layer's tensors, as its state names them
 
 
 def _tensor_name(index: int, buffer: str) -> str:
@@ -62,7 +51,8 @@ def _tensor_name(index: int, buffer: str) -> str:
 
 
 def _crc32(t: torch.Tensor) -> str:
-    return f"{zlib.crc32(_as_bytes(t).contiguous().view(torch.uint8).numpy()):08x}"
+    raw = t.view(torch.uint8) if t.element_size() == 1 else t  # float8 has no CPU copy: its bytes are what counts
+    return f"{zlib.crc32(raw.contiguous().view(torch.uint8).numpy()):08x}"
 
 
 def _metadata_checksum(metadata: dict[str, str]) -> str:
@@ -75,38 +65,6 @@ def _writer() -> str:
         return f"hf_kvquant {_package_metadata.version('hf_kvquant')}"
     except _package_metadata.PackageNotFoundError:
         return "hf_kvquant"
-
-
-def _layer_type(layer) -> str:
-    if isinstance(layer, DummyLayer):
-        return "dummy"
-    if isinstance(layer, LinearAttentionCacheLayerMixin):  # hybrid models: a file without the state would mislead
-        raise NotImplementedError(f"cannot save a cache layer of type {type(layer).__name__}: the convolution and "
-                                  "recurrent states of hybrid models (linear attention, Mamba) are not saved")
-    if isinstance(layer, QuantizedPerTokenHeadLayer):
-        return "sliding_attention" if layer.is_sliding else "full_attention"
-    raise TypeError(f"cannot save a cache layer of type {type(layer).__name__}")
-
-
-def _describe_layer(layer) -> dict:
-    entry = {"type": _layer_type(layer), "sliding_window": getattr(layer, "sliding_window", None)}
-    entry["initialized"] = isinstance(layer, QuantizedPerTokenHeadLayer) and layer.is_initialized
-    if isinstance(layer, QuantizedPerTokenHeadSlidingWindowLayer):  # assisted decoding records before any token
-        entry["record_past"] = layer.record_past
-        entry["rollback_base"] = layer._rollback_base
-    if not entry["initialized"]:
-        return entry
-    entry["dtype"] = str(layer.dtype).removeprefix("torch.")
-    if isinstance(layer, QuantizedPerTokenHeadStaticLayer):
-        entry["length"] = int(layer.length)  # a host read, once per layer: saving is not on the decode path
-    else:
-        entry["stored"] = layer.stored
-        entry["cumulative_length"] = layer.cumulative_length
-    return entry
-
-
-def _live_tokens(entry: dict) -> int:
-    return entry["length"] if "length" in entry else entry["stored"]
 
 
 def _write_file(path, tensors: dict[str, torch.Tensor], fields: dict) -> None:
@@ -138,18 +96,11 @@ def _write_file(path, tensors: dict[str, torch.Tensor], fields: dict) -> None:
             os.remove(partial)
 
 
-def save_cache(cache: QuantizedPerTokenHeadCache, path) -> None:
-    """Write ``cache`` to ``path`` (safetensors; see the module docstring for the layout). Needs host memory for the
-    live tokens of the cache (they are copied to the CPU)."""
-    tensors, layers = {}, []
-    for index, layer in enumerate(cache.layers):
-        entry = _describe_layer(layer)
-        layers.append(entry)
-        if entry["initialized"]:
-            tokens = _live_tokens(entry)
-            for name, buffer in zip(BUFFER_NAMES, layer.buffers):
-                tensors[_tensor_name(index, name)] = buffer[:, :, :tokens].cpu().contiguous()
-    fields = dict(mode=cache.mode.value, hadamard=cache.hadamard, max_cache_len=cache.max_cache_len, layers=layers)
+def save_cache(state: tuple[dict, list[dict[str, torch.Tensor]]], path) -> None:
+    """Write a cache's ``state`` (`QuantizedPerTokenHeadCache.export_state`: its fields and each layer's tensors) to
+    ``path`` (safetensors; see the module docstring for the layout)."""
+    fields, layer_tensors = state
+    tensors = {_tensor_name(index, name): t for index, named in enumerate(layer_tensors) for name, t in named.items()}
     _write_file(path, tensors, fields)
 
 
@@ -199,49 +150,6 @@ def _parse_header(path, metadata: dict[str, str]) -> dict:
     return header
 
 
-def _build_cache(path, header: dict, config, mode, cls) -> QuantizedPerTokenHeadCache:
-    """An empty cache of the file's kind, built from ``config`` (or like one built without), its layers checked
-    against the file's."""
-    if mode is not None and KVQuantMode.parse(mode) is not header["mode"]:
-        raise _mismatch(path, "mode", KVQuantMode.parse(mode).value, header["mode"].value)
-    cache = cls(config=config, mode=header["mode"], max_cache_len=header["max_cache_len"], hadamard=header["hadamard"])
-    entries = header["layers"]
-    if config is None:
-        for index, entry in enumerate(entries):
-            if entry.get("type") != "full_attention":
-                raise ValueError(f"{path}: layer {index} is {entry.get('type')!r}; a cache built without a config has "
-                                 "only full-attention layers: pass the model's config to load this file")
-            cache.layers.append(cache.layer_class_to_replicate())
-    if len(cache.layers) != len(entries):
-        raise _mismatch(path, "number of layers", f"{len(cache.layers)} (the config's)", len(entries))
-    for index, (layer, entry) in enumerate(zip(cache.layers, entries)):
-        expected_type, found_type = _layer_type(layer), entry.get("type")
-        if found_type != expected_type:
-            raise _mismatch(path, f"layer {index} type", expected_type, found_type)
-        window = getattr(layer, "sliding_window", None)
-        if entry.get("sliding_window") != window:
-            raise _mismatch(path, f"layer {index} sliding_window", window, entry.get("sliding_window"))
-        if not isinstance(entry.get("initialized"), bool):
-            raise ValueError(f"{path}: malformed cache metadata: layer {index} 'initialized' is "
-                             f"{entry.get('initialized')!r}")
-        if entry["initialized"] and isinstance(layer, DummyLayer):
-            raise ValueError(f"{path}: layer {index} is a dummy layer (no KV), but the file says it holds tokens")
-        if isinstance(layer, QuantizedPerTokenHeadSlidingWindowLayer):
-            # assisted decoding's state; set on the new cache now, which is returned only if everything passes
-            layer.record_past, layer._rollback_base = _recording(path, index, entry)
-    return cache
-
-
-def _recording(path, index: int, entry: dict) -> tuple[bool, int]:
-    """(record_past, rollback_base) of a growable sliding layer, checked: the base is a position already seen."""
-    seen = entry.get("cumulative_length") if entry["initialized"] else 0
-    record, base = entry.get("record_past"), entry.get("rollback_base")
-    if type(record) is not bool or type(base) is not int or type(seen) is not int or not 0 <= base <= seen:
-        raise ValueError(f"{path}: malformed cache metadata: layer {index} record_past/rollback_base is "
-                         f"{record!r}/{base!r} with {seen!r} tokens seen")
-    return record, base
-
-
 def _expected_shapes(config, count: int) -> list[tuple[int, int, int] | None]:
     """(kv_heads, key head_dim, value head_dim) of each layer according to ``config``, or None per layer without a
     config.
@@ -267,68 +175,6 @@ def _expected_shapes(config, count: int) -> list[tuple[int, int, int] | None]:
     return shapes
 
 
-def _counter(path, index: int, entry: dict, key: str) -> int:
-    value = entry.get(key)
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{path}: malformed cache metadata: layer {index} {key} is {value!r}")
-    return value
-
-
-def _check_counters(path, index: int, entry: dict, layer, max_cache_len) -> int:
-    """Check the layer's counters against each other; return its live tokens."""
-    if isinstance(layer, QuantizedPerTokenHeadStaticLayer):
-        length = _counter(path, index, entry, "length")
-        if length > max_cache_len:
-            raise ValueError(f"{path}: layer {index} holds {length} tokens, more than max_cache_len={max_cache_len}")
-        return length
-    stored, seen = _counter(path, index, entry, "stored"), _counter(path, index, entry, "cumulative_length")
-    if isinstance(layer, QuantizedPerTokenHeadSlidingWindowLayer):
-        needed = min(seen, layer.sliding_window - 1)
-        if not needed <= stored <= seen:
-            raise ValueError(f"{path}: layer {index} (sliding window {layer.sliding_window}) has {seen} tokens seen "
-                             f"and {stored} stored; expected between {needed} and {seen} stored")
-    elif stored != seen:
-        raise _mismatch(path, f"layer {index} token count (stored vs cumulative_length)", seen, stored)
-    return stored
-
-
-def _check_tensors(path, index: int, tensors: dict, tokens: int, mode: KVQuantMode, shape, entry: dict):
-    """Check one layer's four tensors (by buffer name); return (batch, kv_heads, key head_dim, value head_dim)."""
-    crcs = entry.get("crc32") if isinstance(entry.get("crc32"), dict) else {}
-    for name in BUFFER_NAMES:
-        full_name, t = _tensor_name(index, name), tensors[name]
-        dtype = mode.spec.storage_dtype if name.endswith("data") else torch.float32
-        if t.dtype != dtype:
-            raise _mismatch(path, f"tensor {full_name} dtype", dtype, t.dtype)
-        found = _crc32(t)
-        if found != crcs.get(name):
-            raise ValueError(f"{path}: tensor {full_name} does not match its checksum (corrupted data): expected "
-                             f"{crcs.get(name)!r}, found {found!r}")
-    for name in ("key_data", "value_data"):
-        if tensors[name].dim() != 4 or tensors[name].shape[-1] == 0:
-            raise _mismatch(path, f"tensor {_tensor_name(index, name)} shape", "[batch, kv_heads, tokens, head_dim]",
-                            tuple(tensors[name].shape))
-    batch, heads, _, key_codes = tensors["key_data"].shape
-    value_codes = tensors["value_data"].shape[-1]
-    head_dims = (key_codes * mode.spec.values_per_byte, value_codes * mode.spec.values_per_byte)
-    expected_heads, *expected_head_dims = shape if shape is not None else (heads, *head_dims)
-    if heads != expected_heads:
-        raise _mismatch(path, f"layer {index} kv heads (num_key_value_heads)", expected_heads, heads)
-    if head_dims[0] != expected_head_dims[0]:
-        what = "head_dim" if expected_head_dims[0] == expected_head_dims[1] else "key head_dim (kv_lora_rank)"
-        raise _mismatch(path, f"layer {index} {what}", expected_head_dims[0], head_dims[0])
-    if head_dims[1] != expected_head_dims[1]:
-        what = "value head_dim" + ("" if expected_head_dims[0] == expected_head_dims[1] else " (qk_rope_head_dim)")
-        raise _mismatch(path, f"layer {index} {what}", expected_head_dims[1], head_dims[1])
-    for name in BUFFER_NAMES:
-        full_name, t = _tensor_name(index, name), tensors[name]
-        codes = key_codes if name.startswith("key") else value_codes
-        expected = (batch, heads, tokens, codes) if name.endswith("data") else (batch, heads, tokens)
-        if tuple(t.shape) != expected:
-            raise _mismatch(path, f"tensor {full_name} shape", expected, tuple(t.shape))
-    return batch, heads, *head_dims
-
-
 def _layer_devices(device, count: int) -> list[torch.device]:
     if device is None:
         return [torch.device("cpu")] * count
@@ -340,29 +186,53 @@ def _layer_devices(device, count: int) -> list[torch.device]:
     return devices
 
 
-def _fill_layer(layer, tensors: list[torch.Tensor], entry: dict, tokens: int, dtype, device, batch, heads, head_dims):
-    keys, values = (torch.zeros((batch, heads, 0, d), dtype=dtype, device=device) for d in head_dims)
-    layer._check_input(keys, values)  # what the layer would refuse from the model (a head too wide for CUDA kernels)
-    layer.lazy_initialization(keys, values)  # buffers, dtype, device (and the length, rotation of a static layer)
-    if isinstance(layer, QuantizedPerTokenHeadStaticLayer):
-        layer.length.fill_(tokens)
-    else:
-        if tokens:  # the capacity the growth policy gives these tokens
-            layer._reallocate(_grown_capacity(tokens))
-        layer.stored, layer.cumulative_length = tokens, entry["cumulative_length"]
-    for buffer, t in zip(layer.buffers, tensors):
-        _as_bytes(buffer)[:, :, :tokens].copy_(_as_bytes(t))
+@contextlib.contextmanager
+def _in_file(path):
+    """Name the file in what the cache and its layers say is wrong with their saved state."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
-def load_cache(path, config=None, device=None, mode=None, cls=QuantizedPerTokenHeadCache):
-    """A cache read from ``path`` (written by `save_cache`), checked against the model's ``config``.
+def _read_layer(f, path, index: int, entry: dict) -> dict[str, torch.Tensor]:
+    """Layer ``index``'s tensors, by buffer name, each checked against its CRC-32 in the layer's entry."""
+    crcs = entry.get("crc32") if isinstance(entry.get("crc32"), dict) else {}
+    tensors = {}
+    for name in BUFFER_NAMES:
+        full_name = _tensor_name(index, name)
+        tensors[name] = f.get_tensor(full_name)
+        found = _crc32(tensors[name])
+        if found != crcs.get(name):
+            raise ValueError(f"{path}: tensor {full_name} does not match its checksum (corrupted data): expected "
+                             f"{crcs.get(name)!r}, found {found!r}")
+    return tensors
+
+
+def _check_against_config(path, index: int, layer, shape) -> None:
+    """The kv heads and head dims of a filled layer against the (kv_heads, key head_dim, value head_dim) of the
+    config (`_expected_shapes`)."""
+    heads, head_dims = layer.key_data.shape[1], layer.head_dims
+    expected_heads, *expected_head_dims = shape
+    if heads != expected_heads:
+        raise _mismatch(path, f"layer {index} kv heads (num_key_value_heads)", expected_heads, heads)
+    if head_dims[0] != expected_head_dims[0]:
+        what = "head_dim" if expected_head_dims[0] == expected_head_dims[1] else "key head_dim (kv_lora_rank)"
+        raise _mismatch(path, f"layer {index} {what}", expected_head_dims[0], head_dims[0])
+    if head_dims[1] != expected_head_dims[1]:
+        what = "value head_dim" + ("" if expected_head_dims[0] == expected_head_dims[1] else " (qk_rope_head_dim)")
+        raise _mismatch(path, f"layer {index} {what}", expected_head_dims[1], head_dims[1])
+
+
+def load_cache(path, cls, config=None, device=None, mode=None):
+    """A cache of class ``cls`` (`QuantizedPerTokenHeadCache`) read from ``path`` (written by `save_cache`), checked
+    against the model's ``config``.
 
     Args:
         config: the model's config (what the cache was built with). The cache's layers are built from it, and the
             file must agree: layer count and types, sliding windows, kv heads and the key and value head dims of every
-            layer. ``None``
-            for a cache built without a config (full-attention layers only); then only the file's own consistency is
-            checked.
+            layer. ``None`` for a cache built without a config (full-attention layers only); then only the file's own
+            consistency is checked.
         device: where the layers go: None (the CPU), a device, or one device per layer (a model split by
             ``device_map``). The file does not record the device the cache was saved from.
         mode: if given, the file's mode must be this one.
@@ -370,13 +240,20 @@ def load_cache(path, config=None, device=None, mode=None, cls=QuantizedPerTokenH
         ValueError: the file is not a safetensors file, is truncated or corrupted, is not a saved cache, was written
             by a newer format version, or disagrees with ``config``/``mode``; the message names the mismatch.
 
-    The header and the counters are checked first, then each layer's tensors are read, checked and copied into a new
-    cache one layer at a time (host memory for one layer); the cache is returned only when every layer has passed.
+    The header is checked first, then the cache built from it checks every layer's description
+    (`QuantizedPerTokenHeadCache.check_state`); each layer's tensors are then read, checked against their checksums
+    and restored into the new cache one layer at a time (host memory for one layer), each checked against the config.
+    The cache is returned only when every layer has passed.
     """
     with _reading(path), safe_open(os.fspath(path), framework="pt", device="cpu") as f:
         header = _parse_header(path, f.metadata() or {})
-        cache = _build_cache(path, header, config, mode, cls)
+        if mode is not None and KVQuantMode.parse(mode) is not header["mode"]:
+            raise _mismatch(path, "mode", KVQuantMode.parse(mode).value, header["mode"].value)
+        cache = cls(config=config, mode=header["mode"], max_cache_len=header["max_cache_len"],
+                    hadamard=header["hadamard"])
         entries = header["layers"]
+        with _in_file(path):
+            cache.check_state(entries)
         names = set(f.keys())
         expected = {_tensor_name(i, n) for i, e in enumerate(entries) if e["initialized"] for n in BUFFER_NAMES}
         if names != expected:
@@ -384,21 +261,10 @@ def load_cache(path, config=None, device=None, mode=None, cls=QuantizedPerTokenH
                              f"{sorted(expected - names)}, unexpected {sorted(names - expected)}")
         shapes = _expected_shapes(config, len(entries))
         devices = _layer_devices(device, len(entries))
-        live = {}
-        for index, (layer, entry) in enumerate(zip(cache.layers, entries)):
-            if entry["initialized"]:
-                if entry.get("dtype") not in _DTYPES:
-                    raise ValueError(f"{path}: layer {index} dtype {entry.get('dtype')!r} is not one of "
-                                     f"{sorted(_DTYPES)}")
-                live[index] = _check_counters(path, index, entry, layer, header["max_cache_len"])
-        batches = set()
-        for index, tokens in live.items():
-            tensors = {n: f.get_tensor(_tensor_name(index, n)) for n in BUFFER_NAMES}
-            batch, heads, *head_dims = _check_tensors(path, index, tensors, tokens, header["mode"], shapes[index],
-                                                      entries[index])
-            batches.add(batch)
-            if len(batches) > 1:
-                raise ValueError(f"{path}: the layers disagree on the batch size: {sorted(batches)}")
-            _fill_layer(cache.layers[index], [tensors[n] for n in BUFFER_NAMES], entries[index], tokens,
-                        _DTYPES[entries[index]["dtype"]], devices[index], batch, heads, head_dims)
+        for index, entry in enumerate(entries):
+            tensors = _read_layer(f, path, index, entry) if entry["initialized"] else {}
+            with _in_file(path):
+                cache.restore_layer_state(index, entry, tensors, devices[index])
+            if entry["initialized"] and shapes[index] is not None:
+                _check_against_config(path, index, cache.layers[index], shapes[index])
     return cache

@@ -1,10 +1,10 @@
 """Faults: an out-of-memory error while a layer allocates its buffers, and two caches used from two threads.
 
-Out of memory. On the CPU the failure is injected: `hf_kvquant.cache` is handed a ``torch`` whose ``zeros`` (every
-buffer the cache allocates goes through it) raises `torch.OutOfMemoryError` at its n-th call. A run of updates goes
-through a cache and through a twin that never fails; at every update that allocates, each of its allocations is failed
-in turn (the first preallocation with ``max_cache_len``, the lazy start of a growable layer, growth in the middle of a
-long run, a sliding-window layer's growth and give-back). After each fault:
+Out of memory. On the CPU the failure is injected: the modules of `hf_kvquant.cache` are handed a ``torch`` whose
+``zeros`` (every buffer the cache allocates goes through it) raises `torch.OutOfMemoryError` at its n-th call. A run of
+updates goes through a cache and through a twin that never fails; at every update that allocates, each of its
+allocations is failed in turn (the first preallocation with ``max_cache_len``, the lazy start of a growable layer,
+growth in the middle of a long run, a sliding-window layer's growth and give-back). After each fault:
 
 * the error says the bytes asked (checked against the bytes of the allocation that failed) and the bytes the layer
   holds;
@@ -37,7 +37,8 @@ import pytest
 import torch
 from conftest import assert_same_state, gemma_config, live_tokens, llama_config, requires_cuda, state, tokens
 
-import hf_kvquant.cache as cache_mod
+import hf_kvquant.cache as cache_package
+from hf_kvquant.cache import storage
 from hf_kvquant import ATTENTION_NAME, KVQuantMode, QuantizedKV, QuantizedPerTokenHeadCache
 from hf_kvquant.ops import attention
 from hf_kvquant.ops.reference import dequantize
@@ -68,7 +69,7 @@ class FailingTorch(types.ModuleType):
         numel = torch.Size(size[0] if len(size) == 1 and not isinstance(size[0], int) else size).numel()
         itemsize = (dtype or torch.get_default_dtype()).itemsize
         caller = sys._getframe(1).f_code.co_name
-        if caller == "token_minor_zeros":  # the value codes of a layer's allocation: counted as its caller's
+        if caller in ("token_minor_zeros", "zeros"):  # a layer's value codes (its value layout): its caller's
             caller = sys._getframe(2).f_code.co_name
         self.calls.append((caller, numel * itemsize))
         if len(self.calls) == self.fail_at:
@@ -79,12 +80,16 @@ class FailingTorch(types.ModuleType):
 
 @contextlib.contextmanager
 def cache_torch(fake: FailingTorch):
-    """`hf_kvquant.cache` sees ``fake`` as ``torch`` inside the block (nothing else does)."""
-    cache_mod.torch = fake
+    """The modules of `hf_kvquant.cache` see ``fake`` as ``torch`` inside the block (nothing else does)."""
+    modules = [m for name, m in sys.modules.items()
+               if name.startswith(cache_package.__name__ + ".") and getattr(m, "torch", None) is torch]
+    for module in modules:
+        module.torch = fake
     try:
         yield fake
     finally:
-        cache_mod.torch = torch
+        for module in modules:
+            module.torch = torch
 
 
 def asked_bytes(calls, index: int) -> int:
@@ -436,7 +441,7 @@ def test_two_caches_on_two_threads_and_streams_equal_one_after_the_other(device,
     sequential = [_drive(c, x, window) for c, x in zip(sequential_caches, inputs)]
     for round_ in range(3 if on_gpu else 1):
         # shared per-stream state built afresh, concurrently: the slot ramps and the split counters
-        monkeypatch.setattr(cache_mod, "_SLOT_RAMPS", {})
+        monkeypatch.setattr(storage, "SLOT_RAMPS", {})
         if on_gpu:
             from hf_kvquant.ops import attention_kernel
 

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from transformers.generation import GenerationMode
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
+import hf_kvquant
 from hf_kvquant import QuantizedPerTokenHeadCache, kv_cache_nbytes
 
 MODES = ["int8_per_token_head", "fp8_per_token_head"]
@@ -805,11 +806,10 @@ def test_refused_continuation_leaves_the_filled_cache_as_it_was():
 
 def test_growable_cache_and_other_caches_are_not_checked():
     """Without max_cache_len nothing is refused (the buffers grow); transformers' own caches pass through as before,
-    and importing hf_kvquant again does not wrap generate's cache preparation twice."""
+    and installing the check again (another preallocated cache, or the explicit call) does not wrap generate's cache
+    preparation twice."""
     from transformers import StaticCache
     from transformers.generation.utils import GenerationMixin
-
-    from hf_kvquant.integration import register
 
     model = _tiny("llama")
     ids = torch.randint(3, 128, (1, 5))
@@ -818,7 +818,80 @@ def test_growable_cache_and_other_caches_are_not_checked():
         assert out.shape == (1, 45)
         static = StaticCache(config=model.config, max_cache_len=48)
         assert model.generate(ids, cache=static, max_new_tokens=4, do_sample=False).shape[1] <= 9
+    hf_kvquant.install_generate_length_check()
     wrapped = GenerationMixin._prepare_cache_for_generation
-    register()
+    _qcache(model, "int8", max_cache_len=8)
+    hf_kvquant.install_generate_length_check()
     assert GenerationMixin._prepare_cache_for_generation is wrapped
     assert not getattr(wrapped.__wrapped__, "hf_kvquant_checks_cache_length", False)
+
+
+# -- what importing changes, and the switch for the one patch ------------------------------------------------------
+
+_IMPORT_ONLY = r"""
+import json, sys
+from transformers.generation.utils import GenerationMixin
+original = GenerationMixin._prepare_cache_for_generation
+import hf_kvquant
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+after_import = GenerationMixin._prepare_cache_for_generation is original
+hf_kvquant.QuantizedPerTokenHeadCache(mode="int8")
+after_growable = GenerationMixin._prepare_cache_for_generation is original
+hf_kvquant.QuantizedPerTokenHeadCache(mode="int8", max_cache_len=4)
+after_preallocated = GenerationMixin._prepare_cache_for_generation is not original
+registered = hf_kvquant.ATTENTION_NAME in AttentionInterface() and hf_kvquant.ATTENTION_NAME in AttentionMaskInterface()
+print(json.dumps([after_import, after_growable, after_preallocated, registered]))
+"""
+
+
+def test_importing_registers_names_and_patches_nothing():
+    """In a fresh interpreter: `import hf_kvquant` registers the attention and mask names and leaves `generate` as it
+    is; a growable cache changes nothing either; the first preallocated cache installs the length check."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_ONLY], capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, True, True, True]
+
+
+def test_generate_length_check_installed_and_removed():
+    """Installed: a too-small preallocated cache is refused before the first step. Removed: `generate`'s cache
+    preparation is transformers' own function again, and building another preallocated cache does not put the check
+    back; the overflow is then refused by the cache's own update (a `ValueError` on the CPU), at the step that
+    overflows. Installed again: refused before the first step again."""
+    import transformers.generation.utils as generation_utils
+    from transformers.generation.utils import GenerationMixin
+
+    model = _tiny("llama")
+    ids = torch.randint(3, 128, (1, 5))
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    try:
+        hf_kvquant.install_generate_length_check()
+        calls = _forward_calls(model)
+        with torch.no_grad(), pytest.raises(ValueError, match="build it with max_cache_len >= 8"):
+            model.generate(ids, cache=_qcache(model, "int8", max_cache_len=7), **options)
+        assert calls == []
+
+        hf_kvquant.remove_generate_length_check()
+        original = GenerationMixin._prepare_cache_for_generation
+        assert original.__code__.co_filename == generation_utils.__file__
+        assert original.__qualname__ == "GenerationMixin._prepare_cache_for_generation"
+        assert not hasattr(original, "hf_kvquant_checks_cache_length") and not hasattr(original, "__wrapped__")
+        cache = _qcache(model, "int8", max_cache_len=7)  # does not install it again
+        assert GenerationMixin._prepare_cache_for_generation is original
+        hf_kvquant.remove_generate_length_check()  # twice: nothing more to remove
+        assert GenerationMixin._prepare_cache_for_generation is original
+        with torch.no_grad(), pytest.raises(ValueError, match="8 tokens exceed this cache's max_cache_len=7"):
+            model.generate(ids, cache=cache, **options)
+        assert len(calls) == 4  # the prefill and 2 decode steps ran; the third began and was refused by the cache
+    finally:
+        hf_kvquant.install_generate_length_check()
+    calls.clear()
+    with torch.no_grad(), pytest.raises(ValueError, match="build it with max_cache_len >= 8"):
+        model.generate(ids, cache=_qcache(model, "int8", max_cache_len=7), **options)
+    assert calls == []

@@ -57,3 +57,60 @@ def test_imports_and_generates_without_triton(smollm2):
         expected = model.generate(**tok(PROMPT, return_tensors="pt"), cache=cache, max_new_tokens=12, do_sample=False)
     assert result["tokens"] == expected[0].tolist()
     assert result["nbytes"] == cache.nbytes > 0
+
+
+def _imports(path: Path, module: str, is_package: bool) -> set[str]:
+    """The hf_kvquant modules ``module`` imports anywhere in its source (deferred imports inside functions included,
+    ``if TYPE_CHECKING:`` blocks left out: they never run)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):  # drop the bodies of `if TYPE_CHECKING:` blocks
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            node.body = []
+    package = module if is_package else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = f"{base}.{node.module}" if node.level and node.module else (base if node.level else node.module)
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from . import ops` imports a module
+    return {name for name in found if name.split(".")[0] == "hf_kvquant"}
+
+
+def test_no_import_cycles():
+    """No module of hf_kvquant imports, directly or through others, a module that imports it back (deferred imports
+    inside functions count). A package's own ``__init__`` importing its submodules is its job, not a cycle."""
+    root = REPO / "hf_kvquant"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    graph = {}
+    for name, (path, is_package) in modules.items():
+        edges = {m for m in _imports(path, name, is_package) if m in modules and m != name}
+        if is_package:  # the package's own submodules
+            edges = {m for m in edges if not m.startswith(name + ".")}
+        graph[name] = {m for m in edges if not name.startswith(m + ".")}  # a submodule's own packages: loaded first
+
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)

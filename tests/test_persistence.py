@@ -21,7 +21,7 @@ from conftest import as_bytes, assert_same_state, fill, gemma_config, live_token
 from safetensors import safe_open
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-import hf_kvquant.cache as cache_mod
+from hf_kvquant.cache import storage
 from hf_kvquant import (
     ATTENTION_NAME,
     KVQuantMode,
@@ -93,7 +93,7 @@ def test_round_trip_keeps_live_state_and_continues_the_same(tmp_path, layout, mo
     assert_same_state(state(cache, live_only=True), state(loaded, live_only=True))
     assert all(layer.device == torch.device("cpu") for layer in loaded.layers if layer.is_initialized)
     # value codes back in the cache's token-minor layout (the file holds them as [batch, kv_heads, tokens, head_dim])
-    assert all(layer.value_data.stride(2 if layer.values_token_minor else 3) == 1
+    assert all(layer.value_data.stride(2 if layer.value_layout is storage.TokenMinor else 3) == 1
                for layer in loaded.layers if layer.is_initialized)
     if max_cache_len is not None:
         assert loaded.nbytes == cache.nbytes  # preallocated: max_cache_len slots, as saved
@@ -432,16 +432,16 @@ WELL_FORMED_BUT_WRONG = {
     "newer_version": (dict(format_version=2), "format version 2 by a newer hf_kvquant"),
     "wrong_shape_heads": (
         dict(edit_tensors=_reshape("layers.1.value_data", lambda t: t.repeat(1, 2, 1, 1))),
-        "tensor layers.1.value_data shape mismatch: expected (2, 1, 10, 64), found (2, 2, 10, 64)"),
+        "layer 1 tensor value_data shape mismatch: expected (2, 1, 10, 64), found (2, 2, 10, 64)"),
     "wrong_shape_tokens": (
         dict(edit_tensors=_reshape("layers.1.value_scale", lambda t: t[:, :, :-1].contiguous())),
-        "tensor layers.1.value_scale shape mismatch: expected (2, 1, 10), found (2, 1, 9)"),
+        "layer 1 tensor value_scale shape mismatch: expected (2, 1, 10), found (2, 1, 9)"),
     "wrong_dtype": (
         dict(edit_tensors=_reshape("layers.0.key_scale", lambda t: t.half())),
-        "tensor layers.0.key_scale dtype mismatch: expected torch.float32, found torch.float16"),
+        "layer 0 tensor key_scale dtype mismatch: expected torch.float32, found torch.float16"),
     "data_of_another_mode": (
         dict(edit_tensors=_reshape("layers.0.value_data", lambda t: t.view(torch.float8_e4m3fn))),
-        "tensor layers.0.value_data dtype mismatch: expected torch.int8, found torch.float8_e4m3fn"),
+        "layer 0 tensor value_data dtype mismatch: expected torch.int8, found torch.float8_e4m3fn"),
     "missing_tensor": (
         dict(edit_tensors=lambda tensors: tensors.pop("layers.2.value_scale")),
         "missing ['layers.2.value_scale']"),
@@ -591,7 +591,7 @@ def test_reference_quantizer_on_non_finite_rows():
 
 
 def _fail_nth_zeros(monkeypatch, n):
-    """Make the ``n``-th call of ``torch.zeros`` (as hf_kvquant.cache calls it) raise `torch.OutOfMemoryError`."""
+    """Make the ``n``-th call of ``torch.zeros`` (as hf_kvquant.cache.layer calls it) raise `torch.OutOfMemoryError`."""
     real = torch.zeros
     calls = {"count": 0, "failed": None}
 
@@ -602,7 +602,7 @@ def _fail_nth_zeros(monkeypatch, n):
             raise calls["failed"]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_mod.torch, "zeros", zeros)
+    monkeypatch.setattr(torch, "zeros", zeros)  # the torch every module of hf_kvquant.cache calls
     return calls
 
 
@@ -613,9 +613,9 @@ def test_allocation_failure_while_growing_leaves_the_cache_unchanged(monkeypatch
     sliding = gemma_config(["sliding_attention"], 4, heads=2)
     # (config, max_cache_len, tokens before, tokens of the update that allocates, slots it asks for)
     config, max_cache_len, prefill, count, slots = {
-        "full": (None, None, 60, 70, cache_mod._grown_capacity(130)),  # capacity 128 -> 208
-        "sliding_compaction": (sliding, None, 60, 130, cache_mod._grown_capacity(3 + 130)),  # keeps 3 of the 60
-        "sliding_long_prefill": (sliding, None, 2, 300, cache_mod._grown_capacity(302)),
+        "full": (None, None, 60, 70, storage.grown_capacity(130)),  # capacity 128 -> 208
+        "sliding_compaction": (sliding, None, 60, 130, storage.grown_capacity(3 + 130)),  # keeps 3 of the 60
+        "sliding_long_prefill": (sliding, None, 2, 300, storage.grown_capacity(302)),
         "static_first_update": (None, 64, 0, 5, 64),  # the whole buffer, at the first update
     }[layout]
     cache = QuantizedPerTokenHeadCache(config=config, mode=mode, max_cache_len=max_cache_len)
@@ -777,7 +777,7 @@ def test_value_tensor_of_another_head_dim_than_its_scale_says_is_refused(tmp_pat
         tensors["layers.1.value_data"] = tensors["layers.1.value_data"][:, :, :2].contiguous()  # 2 tokens, not 3
 
     bad = write_variant(path, tmp_path / "bad.safetensors", edit_tensors=edit)
-    with pytest.raises(ValueError, match=r"tensor layers.1.value_data shape mismatch: expected \(2, 1, 3, 8\)"):
+    with pytest.raises(ValueError, match=r"layer 1 tensor value_data shape mismatch: expected \(2, 1, 3, 8\)"):
         QuantizedPerTokenHeadCache.load(bad)
 
 
@@ -797,3 +797,47 @@ def test_head_dim_80_round_trip(tmp_path):
     assert all(layer.rotation is hadamard_matrix(80) for layer in loaded.layers)
     with pytest.raises(ValueError, match="layer 0 head_dim mismatch: expected 64, found 80"):
         QuantizedPerTokenHeadCache.load(path, config=llama_config(layers=2, heads=2, head_dim=64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files written by an earlier version (tests/data/make_v1_files.py, format version 1) still load
+# ---------------------------------------------------------------------------------------------------------------
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _v1_caches():
+    """The caches of tests/data/make_v1_files.py, rebuilt the same way: name -> (config, cache)."""
+    llama, gemma = llama_config(layers=2, head_dim=16), gemma_config(["sliding_attention", "full_attention"], 4,
+                                                                      head_dim=16)
+    recording = QuantizedPerTokenHeadCache(config=gemma, mode="int8")
+    fill(recording, [3], batch=1, head_dim=16, seed=7)
+    recording.layers[0].activate_past_recording()
+    caches = {
+        "growable_int8": (llama, QuantizedPerTokenHeadCache(config=llama, mode="int8"), [5, 1, 1]),
+        "preallocated_fp8": (llama, QuantizedPerTokenHeadCache(config=llama, mode="fp8", max_cache_len=12), [4, 1]),
+        "gemma3_sliding_int8": (gemma, QuantizedPerTokenHeadCache(config=gemma, mode="int8"), [6, 1, 1]),
+        "gemma3_recording_int8": (gemma, recording, [2, 1]),
+        "hadamard_fp8": (llama, QuantizedPerTokenHeadCache(config=llama, mode="fp8", hadamard=True), [4, 2]),
+    }
+    return {name: (config, fill(cache, steps, batch=1, head_dim=16, seed=3))
+            for name, (config, cache, steps) in caches.items()}
+
+
+@pytest.mark.parametrize("name", ["growable_int8", "preallocated_fp8", "gemma3_sliding_int8", "gemma3_recording_int8",
+                                  "hadamard_fp8"])
+def test_files_of_format_version_1_still_load(name):
+    config, expected = _v1_caches()[name]
+    loaded = QuantizedPerTokenHeadCache.load(os.path.join(DATA, f"{name}.v1.safetensors"), config=config)
+    assert (loaded.mode, loaded.hadamard, loaded.max_cache_len) == (expected.mode, expected.hadamard,
+                                                                    expected.max_cache_len)
+    assert_same_state(state(expected, live_only=True), state(loaded, live_only=True))
+    assert [layer.is_sliding for layer in loaded.layers] == [layer.is_sliding for layer in expected.layers]
+    assert [layer.get_mask_sizes(1) for layer in loaded.layers] == [layer.get_mask_sizes(1) for layer in
+                                                                    expected.layers]
+    # the loaded cache goes on as the original does: the same handed-over windows and the same state
+    for index in range(len(expected.layers)):
+        k, v = tokens((1, 1, 2, 16), seed=40 + index)
+        for got, want in zip(loaded.update(k, v, index), expected.update(k, v, index)):
+            assert torch.equal(got, want)
+    assert_same_state(state(expected, live_only=True), state(loaded, live_only=True))
