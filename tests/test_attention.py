@@ -32,6 +32,13 @@ QUERY_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if HAS_CUDA else [
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
+def kernel(query, key: QuantizedKV, value: QuantizedKV, padding_mask=None, **options):
+    """The kernel over the buffers and window of a `QuantizedKV` pair, as `attend_quantized` hands them over (without
+    the rotation)."""
+    return quantized_attention(query, key.data, key.scale, value.data, value.scale, padding_mask, start=key.start,
+                               end=key.end, length=key.length, **options)
+
+
 def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=torch.float32, hadamard=False,
                token_minor=False):
     """Random keys/values quantized into buffers with a used prefix and spare slots, as in the cache; with
@@ -60,7 +67,7 @@ def _left_padding(batch, kv_len, pads):
 
 
 def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.float32, pads=None,
-           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=quantized_attention, sinks=None,
+           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=kernel, sinks=None,
            value_head_dim=None, tolerance=None):
     """``attend(query, key, value, mask, **options)`` against the reference over the dequantized (with ``hadamard``:
     un-rotated) keys and values. Values have ``value_head_dim`` channels (default: the keys' ``head_dim``)."""
@@ -148,7 +155,7 @@ def test_live_length_on_the_device(mode, q_len, live, capacity, window):
     key, value = (dataclasses.replace(kv, length=length) for kv in (full_key, full_value))
     query = torch.randn(2, 4, q_len, 64).to(device=DEVICE, dtype=dtype)
     mask = _left_padding(2, capacity, [0, 3])
-    out = quantized_attention(query, key, value, mask, sliding_window=window)
+    out = kernel(query, key, value, mask, sliding_window=window)
     live_key, live_value = (dataclasses.replace(kv, end=live, dtype=torch.float32).dequantize()
                             for kv in (full_key, full_value))
     expected = attention_reference(query.float(), live_key, live_value, mask[:, :live], sliding_window=window)
@@ -185,7 +192,7 @@ def test_decode_at_scale(mode, batch, heads, kv_heads, kv_len):
     # Scores with a standard deviation of about 3: neither uniform nor one-hot over the 128k tokens.
     key_size = (key.data[0, 0, :4096].float() * key.scale[0, 0, :4096, None]).std().item()
     query = (torch.randn(batch, heads, 1, 128, device="cuda") * (3 / key_size)).to(torch.bfloat16)
-    out = quantized_attention(query, key, value)
+    out = kernel(query, key, value)
     for b in (0, batch - 1):
         exact_key, exact_value = (
             dataclasses.replace(kv, data=kv.data[b : b + 1], scale=kv.scale[b : b + 1], dtype=torch.float32)
@@ -270,7 +277,7 @@ def test_hadamard_through_the_registered_function(mode, dtype):
 def test_unrotated_query_on_a_rotated_cache_is_wrong():
     # The rotation must really be undone somewhere: the kernel fed the plain query over rotated K/V misses by far.
     with pytest.raises(AssertionError, match="max error"):
-        _check(1, 2, 1, 1, 64, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True, attend=quantized_attention)
+        _check(1, 2, 1, 1, 64, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True, attend=kernel)
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
@@ -352,7 +359,7 @@ def _attend_in_buffers_of_other_strides(mode, heads, q_len, kv_len, head_dim, dt
     key = _quantized(2, 2, kv_len, head_dim, mode, spare=7, token_minor=token_minor == "keys")
     value = _quantized(2, 2, kv_len, head_dim, mode, spare=30, token_minor=token_minor == "values")
     query = torch.randn(2, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
-    out = quantized_attention(query, key, value).float()
+    out = kernel(query, key, value).float()
     exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
     expected = attention_reference(query.float(), exact_key, exact_value)
     return key, value, (out - expected).abs().max().item() / expected.abs().max().item()
@@ -384,10 +391,10 @@ def test_wrong_head_dims_are_refused_by_the_kernel():
     key = _quantized(1, 1, 4, 64, mode)
     value = _quantized(1, 1, 4, 64, mode)
     with pytest.raises(ValueError, match="query head_dim 32, key head_dim 64.*query and key of one head_dim"):
-        quantized_attention(torch.zeros(1, 1, 1, 32, device=DEVICE), key, value)
+        kernel(torch.zeros(1, 1, 1, 32, device=DEVICE), key, value)
     wide = _quantized(1, 1, 4, 640, mode)
     with pytest.raises(ValueError, match="value head_dim 640.*each head_dim from 1 to 512"):
-        quantized_attention(torch.zeros(1, 1, 1, 64, device=DEVICE), key, wide)
+        kernel(torch.zeros(1, 1, 1, 64, device=DEVICE), key, wide)
 
 
 def test_reference_takes_value_head_dim_and_refuses_a_key_of_another():
@@ -454,8 +461,8 @@ def test_compiled_operator_output_has_the_values_head_dim(value_head_dim):
     key = _quantized(1, 1, 6, 32, mode, start=0, spare=2)
     value = _quantized(1, 1, 6, value_head_dim, mode, start=0, spare=2)
     query = torch.randn(1, 2, 3, 32, device=DEVICE)
-    args = (query, key.data, key.scale, value.data, value.scale, torch.tensor(6, device=DEVICE), None, 0,
-            mode.spec.kernel_format, None, None, None, None)
+    args = (query, key.data, key.scale, value.data, value.scale, torch.tensor(6, device=DEVICE), None, 0, 8, None,
+            None, None, None)
     assert torch.ops.hf_kvquant.attention(*args).shape == (1, 3, 2, value_head_dim)
     checks = torch.library.opcheck(torch.ops.hf_kvquant.attention.default, args,
                                    test_utils=("test_schema", "test_faketensor"))

@@ -1,6 +1,6 @@
 """Attention over the quantized cache in Triton: one kernel for decode and prefill, by the rules of
-`hf_kvquant.ops.reference.attention_reference`, reading slots ``[start, start + kv_len)`` of the cache buffers
-(`hf_kvquant.QuantizedKV`) directly.
+`hf_kvquant.ops.reference.attention_reference`, reading slots ``[start, end)`` of a layer's cache buffers (codes and
+scales, as the cache stores them) directly.
 
 The key scale multiplies the score row (``(q . k_q[j]) * k_scale[j] * scaling``) and the value scale the
 probabilities before ``P . V``. Each int8/fp8 tile is converted to the query's dtype in registers (exact: int8 and
@@ -36,9 +36,8 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-from ..quantized_kv import QuantizedKV
-from . import MAX_KERNEL_HEAD_DIM
 from .launch import Launcher
+from .limits import MAX_KERNEL_HEAD_DIM
 
 _LOG2E = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
@@ -410,38 +409,47 @@ def _merge_width(splits: int, block_dv: int) -> int:
 
 def quantized_attention(
     query: torch.Tensor,
-    key: QuantizedKV,
-    value: QuantizedKV,
+    key_data: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_data: torch.Tensor,
+    value_scale: torch.Tensor,
     padding_mask: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    length: torch.Tensor | None = None,
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     own_workspace: bool = False,
 ) -> torch.Tensor:
-    """Attention of ``query [batch, heads, q_len, head_dim]`` over the quantized cache (Triton). Keys have the query's
-    head_dim, values may have another (MLA latents); each is at most `MAX_KERNEL_HEAD_DIM`, and any size below it
-    works (tiles are padded to a power of two, at least 16).
+    """Attention of ``query [batch, heads, q_len, head_dim]`` over slots ``[start, end)`` (``end`` None: the capacity)
+    of the quantized cache (Triton): codes ``key_data [batch, kv_heads, capacity, head_dim]`` and ``value_data [batch,
+    kv_heads, capacity, value_head_dim]`` (int8 or float8_e4m3fn, any strides), their float32 scales ``key_scale`` and
+    ``value_scale [batch, kv_heads, capacity]``. Keys have the query's head_dim, values may have another (MLA latents);
+    each is at most `MAX_KERNEL_HEAD_DIM`, and any size below it works (tiles are padded to a power of two, at least
+    16).
 
-    ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the slots from ``key.start``, or None; ``sinks``
+    ``padding_mask`` is ``[batch, >= end - start]`` (True/1 = attend) over the slots from ``start``, or None; ``sinks``
     ``[heads]`` one logit per query head that joins the softmax's denominator (gpt-oss), or None.
     Returns ``[batch, q_len, heads, value_head_dim]`` in the query's dtype, as transformers' attention functions do.
-    With ``key.length`` (a preallocated cache) the live length is read on the device, so one launch serves every step.
-    ``own_workspace`` allocates the split counters for this call instead of reusing per-stream ones (inside a captured
-    graph).
+    With ``length`` (a preallocated cache: a 0-d integer tensor on the device, the live slots from ``start``) the live
+    length is read on the device, so one launch serves every step. ``own_workspace`` allocates the split counters for
+    this call instead of reusing per-stream ones (inside a captured graph).
 
     Host work is kept to a few microseconds besides the launches (`Launcher`, plain integer arithmetic): in eager
     decoding the host, not the GPU, sets the pace at small batches.
     """
     batch, heads, q_len, head_dim = query.shape
-    _, kv_heads, _, key_head_dim = key.data.shape
-    value_head_dim = value.data.shape[-1]
+    _, kv_heads, capacity, key_head_dim = key_data.shape
+    value_head_dim = value_data.shape[-1]
     widest = max(key_head_dim, value_head_dim)
     if head_dim != key_head_dim or min(key_head_dim, value_head_dim) < 1 or widest > MAX_KERNEL_HEAD_DIM:
         raise ValueError(f"hf_kvquant attention kernel: query head_dim {head_dim}, key head_dim {key_head_dim}, value "
                          f"head_dim {value_head_dim}; accepted: query and key of one head_dim, each head_dim from 1 "
                          f"to {MAX_KERNEL_HEAD_DIM}")
-    kv_len = key.end - key.start  # with key.length: the capacity, which sizes the grid
+    kv_len = (capacity if end is None else end) - start  # with a length on the device: what sizes the grid
     group = heads // kv_heads
     num_rows = q_len * group
     if query.stride(-1) != 1:
@@ -452,7 +460,7 @@ def quantized_attention(
 
     # At least 16: the smallest tl.dot operand.
     block_dk, block_dv = max(16, _next_power_of_2(head_dim)), max(16, _next_power_of_2(value_head_dim))
-    code_qk = (CODE_DOTS and query.dtype != torch.float32 and key.data.dtype == torch.int8
+    code_qk = (CODE_DOTS and query.dtype != torch.float32 and key_data.dtype == torch.int8
                and block_dk in _CODE_QK_HEAD_DIMS and num_rows <= _DECODE_ROWS)
     block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, max(block_dk, block_dv),
                                                            query.dtype == torch.float32)
@@ -476,24 +484,24 @@ def quantized_attention(
         padding_mask = padding_mask.view(torch.uint8)  # same bytes, a pointer type Triton loads
 
     q_sb, q_sh, q_st, _ = query.stride()
-    k_sb, k_sh, k_st, k_sd = key.data.stride()
-    v_sb, v_sh, v_st, v_sd = value.data.stride()
-    same_layout = head_dim == value_head_dim and key.data.stride() == value.data.stride()
-    ks_sb, ks_sh, _ = key.scale.stride()
-    vs_sb, vs_sh, _ = value.scale.stride()
+    k_sb, k_sh, k_st, k_sd = key_data.stride()
+    v_sb, v_sh, v_st, v_sd = value_data.stride()
+    same_layout = head_dim == value_head_dim and key_data.stride() == value_data.stride()
+    ks_sb, ks_sh, _ = key_scale.stride()
+    vs_sb, vs_sh, _ = value_scale.stride()
     o_sb, o_st, o_sh = q_len * heads * value_head_dim, heads * value_head_dim, value_head_dim  # out is contiguous
     _launch_attention(
         (row_blocks, batch * kv_heads, splits),
         (
             query, q_sb, q_sh, q_st,
-            key.data, k_sb, k_sh, k_st, k_sd,
-            value.data, v_sb, v_sh, v_st, v_sd,
-            key.scale, ks_sb, ks_sh,
-            value.scale, vs_sb, vs_sh,
+            key_data, k_sb, k_sh, k_st, k_sd,
+            value_data, v_sb, v_sh, v_st, v_sd,
+            key_scale, ks_sb, ks_sh,
+            value_scale, vs_sb, vs_sh,
             out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),
             out, o_sb, o_st, o_sh,
-            partials, counters, out if key.length is None else key.length, out if sinks is None else sinks,
-            key.start, kv_len, q_len, kv_heads, tokens_per_split,
+            partials, counters, out if length is None else length, out if sinks is None else sinks,
+            start, kv_len, q_len, kv_heads, tokens_per_split,
             scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
         ),
         dict(
@@ -501,7 +509,7 @@ def quantized_attention(
             BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
             SPLIT=splits > 1,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=key.length is not None,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=length is not None,
             HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout, CODE_QK=code_qk,
             MERGE_AT_ONCE=_merge_width(splits, block_dv),
         ),

@@ -19,8 +19,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..modes import KERNEL_FP8_E4M3, KERNEL_INT8, SCALE_FLOOR, KVQuantMode
-from . import MAX_KERNEL_HEAD_DIM
 from .launch import Launcher
+from .limits import MAX_KERNEL_HEAD_DIM
 
 # Elements of one token-head tile per program: enough work to hide latency, few registers.
 _TILE_ELEMENTS = 4096
