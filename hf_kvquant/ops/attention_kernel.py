@@ -199,14 +199,24 @@ def _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, q_sb, q_sh, q_st,
-    k_ptr, k_sb, k_sh, k_st, k_sd,
-    v_ptr, v_sb, v_sh, v_st, v_sd,
-    ks_ptr, ks_sb, ks_sh,
-    vs_ptr, vs_sb, vs_sh,
-    mask_ptr, mask_sb,
-    o_ptr, o_sb, o_st, o_sh,
-    part_ptr, count_ptr, len_ptr, sink_ptr,
+    q_ptr,  # [batch, heads, q_len, HEAD_DIM_K], the query's dtype, head_dim contiguous
+    q_sb, q_sh, q_st,
+    k_ptr,  # [batch, kv_heads, capacity, HEAD_DIM_K] int8 / float8e4nv key codes, any strides
+    k_sb, k_sh, k_st, k_sd,
+    v_ptr,  # [batch, kv_heads, capacity, HEAD_DIM_V] value codes, any strides (token-minor in most cache layers)
+    v_sb, v_sh, v_st, v_sd,
+    ks_ptr,  # [batch, kv_heads, capacity] float32 key scales, token-contiguous
+    ks_sb, ks_sh,
+    vs_ptr,  # [batch, kv_heads, capacity] float32 value scales, token-contiguous
+    vs_sb, vs_sh,
+    mask_ptr,  # [batch, >= kv_len] uint8 padding mask over the slots from kv_start, 1 = attend (HAS_MASK)
+    mask_sb,
+    o_ptr,  # [batch, q_len, heads, HEAD_DIM_V], the query's dtype, contiguous
+    o_sb, o_st, o_sh,
+    part_ptr,  # [batch * kv_heads * splits * q_len * GROUP * (HEAD_DIM_V + 2)] float32 split partials (SPLIT)
+    count_ptr,  # [>= row blocks * batch * kv_heads] int32, zero between launches (SPLIT)
+    len_ptr,  # [] integer: the live slots from kv_start (LEN_ON_DEVICE)
+    sink_ptr,  # [heads] attention-sink logits (HAS_SINKS)
     kv_start, kv_len, q_len, num_kv_heads, tokens_per_split,
     qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -492,27 +502,27 @@ def quantized_attention(
     o_sb, o_st, o_sh = q_len * heads * value_head_dim, heads * value_head_dim, value_head_dim  # out is contiguous
     _launch_attention(
         (row_blocks, batch * kv_heads, splits),
-        (
-            query, q_sb, q_sh, q_st,
-            key_data, k_sb, k_sh, k_st, k_sd,
-            value_data, v_sb, v_sh, v_st, v_sd,
-            key_scale, ks_sb, ks_sh,
-            value_scale, vs_sb, vs_sh,
-            out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),
-            out, o_sb, o_st, o_sh,
-            partials, counters, out if length is None else length, out if sinks is None else sinks,
-            start, kv_len, q_len, kv_heads, tokens_per_split,
-            scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
-        ),
-        dict(
-            GROUP=group, HEAD_DIM_K=head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
-            SPLIT=splits > 1,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=length is not None,
-            HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout, CODE_QK=code_qk,
-            MERGE_AT_ONCE=_merge_width(splits, block_dv),
-        ),
+        q_ptr=query, q_sb=q_sb, q_sh=q_sh, q_st=q_st,
+        k_ptr=key_data, k_sb=k_sb, k_sh=k_sh, k_st=k_st, k_sd=k_sd,
+        v_ptr=value_data, v_sb=v_sb, v_sh=v_sh, v_st=v_st, v_sd=v_sd,
+        ks_ptr=key_scale, ks_sb=ks_sb, ks_sh=ks_sh,
+        vs_ptr=value_scale, vs_sb=vs_sb, vs_sh=vs_sh,
+        # Pointers the kernel does not read (HAS_MASK, SPLIT, LEN_ON_DEVICE or HAS_SINKS false) get the output.
+        mask_ptr=out if padding_mask is None else padding_mask,
+        mask_sb=0 if padding_mask is None else padding_mask.stride(0),
+        o_ptr=out, o_sb=o_sb, o_st=o_st, o_sh=o_sh,
+        part_ptr=partials, count_ptr=counters, len_ptr=out if length is None else length,
+        sink_ptr=out if sinks is None else sinks,
+        kv_start=start, kv_len=kv_len, q_len=q_len, num_kv_heads=kv_heads, tokens_per_split=tokens_per_split,
+        qk_scale=scaling if softcap is not None else scaling * _LOG2E, softcap=softcap or 1.0,
+        window=sliding_window or 0,
+        GROUP=group, HEAD_DIM_K=head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
+        SPLIT=splits > 1,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=length is not None,
+        HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout, CODE_QK=code_qk,
+        MERGE_AT_ONCE=_merge_width(splits, block_dv),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -21,9 +21,12 @@ _NUM_WARPS = 4
 
 @triton.jit
 def _dequantize_kernel(
-    data_ptr, d_sb, d_sh, d_st, d_sd,
-    scale_ptr, s_sb, s_sh,
-    out_ptr, start, tokens, heads,
+    data_ptr,  # [batch, heads, capacity, HEAD_DIM] int8 / float8e4nv codes, any strides
+    d_sb, d_sh, d_st, d_sd,
+    scale_ptr,  # [batch, heads, capacity] float32, token-contiguous
+    s_sb, s_sh,
+    out_ptr,  # [batch, heads, tokens, HEAD_DIM], contiguous
+    start, tokens, heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -65,8 +68,10 @@ def dequantize_window(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     s_sb, s_sh, _ = scale.stride()
     _launch_dequantize(
         (triton.cdiv(tokens, block_t), batch * heads),
-        (data, d_sb, d_sh, d_st, d_sd, scale, s_sb, s_sh, out, start, tokens, heads),
-        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t),
+        data_ptr=data, d_sb=d_sb, d_sh=d_sh, d_st=d_st, d_sd=d_sd,
+        scale_ptr=scale, s_sb=s_sb, s_sh=s_sh,
+        out_ptr=out, start=start, tokens=tokens, heads=heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
         num_warps=_NUM_WARPS,
     )
     return out
