@@ -6,7 +6,7 @@ The key scale multiplies the score row (``(q . k_q[j]) * k_scale[j] * scaling``)
 probabilities before ``P . V``. Each int8/fp8 tile is converted to the query's dtype in registers (exact: int8 and
 e4m3 values are representable in bf16/fp16); no dequantized copy is ever written. Decode steps over int8 caches with
 keys padded to 64, 128 or 256 channels skip that conversion for them: Q.K^T runs on the stored key codes (int8 tensor
-cores), the query split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of its range (`CODE_DOTS`).
+cores), the query split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of its range (`_CODE_QK_HEAD_DIMS`).
 
 One program owns a block of *rows* of one (batch, KV head): row ``r`` is query ``r // group`` of query
 head ``kv_head * group + r % group``, so the query heads that share a KV head read each K/V tile once
@@ -49,12 +49,11 @@ _MIN_SPLIT_TOKENS = 512
 _MAX_SPLITS = 32
 # Decode steps of half-precision queries over int8 caches take Q.K^T on the stored key codes (int8 tensor cores) where
 # the keys pad to 64, 128 or 256 channels: the query splits into two int8 tiles once per program, and no key code is
-# widened (at 256 channels, batch 1: 0.80 -> 0.72 x SDPA; batch 8 unchanged). P.V widens its value tiles: splitting P
-# into codes costs a conversion per row and token of every tile, and measured slower at head_dim 128 and 64, as did
-# code dots in prefill tiles (64 rows; H200, eval/results/kernel_tuning.md). FP8 caches widen
-# their tiles: Hopper's tensor cores take e4m3 only through wgmma, whose 64-row tiles a decode step (a few rows) would
-# mostly waste. False: widened tiles everywhere (for measurement).
-CODE_DOTS = True
+# widened, which made small batches at 256 channels faster and left large ones unchanged. P.V widens its value tiles:
+# splitting P into codes costs a conversion per row and token of every tile, and measured slower at head_dim 128 and
+# 64, as did code dots in prefill tiles. FP8 caches widen their tiles: Hopper's tensor cores take e4m3 only through
+# wgmma, whose 64-row tiles a decode step (a few rows) would mostly waste. Figures: eval/results/kernel_tuning.md,
+# "Decode dots on the int8 codes" and "Q.K^T on key codes at head_dim 256".
 _CODE_QK_HEAD_DIMS = (64, 128, 256)
 
 
@@ -397,9 +396,8 @@ def _decode_occupancy(block_d: int, block_m: int, num_warps: int, programs: int,
     """(programs per SM, warps per program) of a decode step with ``programs`` row blocks, each split into at most
     ``most_splits``. 2 per SM; heads of at most 64 channels (``block_d``) hold half the bytes per tile: 3 per SM, or 4
     of 2 warps each where there are enough to fill every SM 4 deep (twice the bytes in flight for the warps of 2).
-    H200, Llama-3.2-1B heads, INT8 and FP8: (8, 32k) 0.66-0.71 -> 0.62-0.64 x SDPA, (32, 8k) 0.70-0.74 -> 0.65 x;
-    at batch 1 (too few programs) 0.77 -> 0.87 x, and rows of 64 (q_len 8) spill with 2 warps
-    (eval/results/kernel_tuning.md)."""
+    With too few programs (batch 1) 4 per SM was slower, and rows of 64 (q_len 8) spill with 2 warps (figures:
+    eval/results/kernel_tuning.md, "Decode occupancy of narrow heads")."""
     if block_d > 64:
         return _PROGRAMS_PER_SM, num_warps
     if num_warps == 4 and block_m == 16 and programs * most_splits >= 4 * sms:
@@ -470,7 +468,7 @@ def quantized_attention(
 
     # At least 16: the smallest tl.dot operand.
     block_dk, block_dv = max(16, _next_power_of_2(head_dim)), max(16, _next_power_of_2(value_head_dim))
-    code_qk = (CODE_DOTS and query.dtype != torch.float32 and key_data.dtype == torch.int8
+    code_qk = (query.dtype != torch.float32 and key_data.dtype == torch.int8
                and block_dk in _CODE_QK_HEAD_DIMS and num_rows <= _DECODE_ROWS)
     block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, max(block_dk, block_dv),
                                                            query.dtype == torch.float32)
