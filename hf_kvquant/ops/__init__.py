@@ -24,10 +24,17 @@ import torch
 
 from ..modes import KVQuantMode
 from .limits import MAX_KERNEL_HEAD_DIM
-from .reference import attention_reference, dequantize, quantize_into_reference
+from .reference import (
+    attention_reference,
+    dequantize,
+    dequantize_ring,
+    dequantize_slots,
+    quantize_into_reference,
+    ring_slots,
+)
 
 __all__ = ["MAX_KERNEL_HEAD_DIM", "SDPA_PREFILL_MIN_QUERIES", "attention", "attention_through_sdpa", "cuda_kernels",
-           "quantize_into"]
+           "dequantize_ring", "quantize_into", "ring_slots"]
 
 
 @functools.cache
@@ -118,23 +125,33 @@ def attention_through_sdpa(query: torch.Tensor, key_data: torch.Tensor, key_scal
     return out.transpose(1, 2).contiguous()
 
 
-def _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, scaling,
-               sliding_window, softcap, sinks, own_workspace=False) -> torch.Tensor:
+def _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, ring,
+               mask_offset, scaling, sliding_window, softcap, sinks, own_workspace=False) -> torch.Tensor:
     kernels = _use_kernels(query)
     if kernels is not None:
         if _prefills_through_sdpa(query, key_data, value_data, length, padding_mask, sliding_window, softcap, sinks):
             return attention_through_sdpa(query, key_data, key_scale, value_data, value_scale, start=start, end=end,
                                           scaling=scaling)
         return kernels.attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start=start,
-                                 end=end, length=length, scaling=scaling, sliding_window=sliding_window,
-                                 softcap=softcap, sinks=sinks, own_workspace=own_workspace)
-    if length is not None:
-        end = start + int(length)  # the reference reads only live slots
-    window = slice(start, end)
-    k = dequantize(key_data[:, :, window], key_scale[:, :, window], torch.float32)
-    v = dequantize(value_data[:, :, window], value_scale[:, :, window], torch.float32)
+                                 end=end, length=length, ring=ring, mask_offset=mask_offset, scaling=scaling,
+                                 sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                                 own_workspace=own_workspace)
+    # The reference reads only live slots, in position order (the length is read on the host).
+    if ring:
+        total, capacity = int(length), end - start
+        live = min(total, capacity)
+        slots = start + ring_slots(length, capacity)[:live]
+        k = dequantize_slots(key_data, key_scale, slots, torch.float32)
+        v = dequantize_slots(value_data, value_scale, slots, torch.float32)
+        first_column = mask_offset + total - live  # the position of the oldest token held
+    else:
+        live = end - start if length is None else int(length)
+        window = slice(start, start + live)
+        k = dequantize(key_data[:, :, window], key_scale[:, :, window], torch.float32)
+        v = dequantize(value_data[:, :, window], value_scale[:, :, window], torch.float32)
+        first_column = mask_offset
     if padding_mask is not None:
-        padding_mask = padding_mask[:, : k.shape[2]]
+        padding_mask = padding_mask[:, first_column : first_column + live]
     return attention_reference(query, k, v, padding_mask, scaling, sliding_window, softcap, sinks)
 
 
@@ -142,16 +159,17 @@ def _attention(query, key_data, key_scale, value_data, value_scale, padding_mask
 def _attention_op(
     query: torch.Tensor, key_data: torch.Tensor, key_scale: torch.Tensor, value_data: torch.Tensor,
     value_scale: torch.Tensor, length: torch.Tensor, padding_mask: torch.Tensor | None, start: int, end: int,
-    scaling: float | None, sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None,
+    ring: bool, mask_offset: int, scaling: float | None, sliding_window: int | None, softcap: float | None,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
     # Inside a captured graph: partials allocated per call, from the graph's own memory.
-    return _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, scaling,
-                      sliding_window, softcap, sinks, own_workspace=True)
+    return _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, ring,
+                      mask_offset, scaling, sliding_window, softcap, sinks, own_workspace=True)
 
 
 @_attention_op.register_fake
-def _(query, key_data, key_scale, value_data, value_scale, length, padding_mask, start, end, scaling, sliding_window,
-      softcap, sinks):
+def _(query, key_data, key_scale, value_data, value_scale, length, padding_mask, start, end, ring, mask_offset,
+      scaling, sliding_window, softcap, sinks):
     batch, heads, q_len, _ = query.shape
     return query.new_empty(batch, q_len, heads, value_data.shape[-1])  # the values' head_dim, which may differ (MLA)
 
@@ -167,6 +185,8 @@ def attention(
     start: int = 0,
     end: int | None = None,
     length: torch.Tensor | None = None,
+    ring: bool = False,
+    mask_offset: int = 0,
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
@@ -181,13 +201,24 @@ def attention(
     are int8 or float8_e4m3fn codes (values may have their own head_dim: MLA), ``key_scale``/``value_scale [batch,
     kv_heads, capacity]`` their float32 scales. ``length`` (a preallocated cache, whose shapes must not change from
     step to step): a 0-d integer tensor on the device, the live slots from ``start``; slots past it are never read.
-    ``padding_mask [batch, >= live slots]`` (True/1 = attend) covers the slots from ``start``."""
+
+    ``ring=True`` (with ``length``, the tokens ever written): the window is a ring buffer, token ``p`` in slot
+    ``start + p % (end - start)``; attention sees its last ``min(length, end - start)`` tokens in position order
+    (`ring_slots`). Exact for queries that fit in the ring with their past; a prefill that wraps it needs a window
+    built for it.
+
+    ``padding_mask [batch, columns]`` (True/1 = attend): column ``mask_offset + i`` for the ``i``-th token attended to;
+    in a ring token ``i`` is position ``length - n + i``, so a mask over absolute positions (``mask_offset`` 0) serves
+    every step."""
     end = key_data.shape[2] if end is None else end
+    if ring and length is None:
+        raise ValueError("hf_kvquant attention: a ring buffer needs its token count on the device (length)")
     if torch.compiler.is_compiling():
         if length is None:
             raise ValueError("hf_kvquant attention compiles over a preallocated cache only: build "
                              "QuantizedPerTokenHeadCache with max_cache_len")
         return torch.ops.hf_kvquant.attention(query, key_data, key_scale, value_data, value_scale, length,
-                                              padding_mask, start, end, scaling, sliding_window, softcap, sinks)
-    return _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, scaling,
-                      sliding_window, softcap, sinks)
+                                              padding_mask, start, end, ring, mask_offset, scaling, sliding_window,
+                                              softcap, sinks)
+    return _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, ring,
+                      mask_offset, scaling, sliding_window, softcap, sinks)
