@@ -479,9 +479,12 @@ def quantized_attention(
     ``ring`` (with ``length``): slots ``[start, end)`` are a ring buffer of ``capacity = end - start`` slots holding
     the last tokens of the ``length`` ever written, token ``p`` in slot ``start + p % capacity``; attention sees its
     ``n = min(length, capacity)`` tokens in position order (``length - n + i``), the queries the last ``q_len`` of
-    them, and the padding mask's column of token ``i`` is its position ``mask_offset + length - n + i``. Exact for any
-    ``q_len`` that fits in the ring; fast in decode steps (the ring is read in slot order, masks take logical indices). ``own_workspace`` allocates the split counters for
-    this call instead of reusing per-stream ones (inside a captured graph).
+    them, and the padding mask's column of token ``i`` is its position ``mask_offset + length - n + i``. That is the
+    model's attention wherever every query's past is still held (a prefill that wraps the ring needs a window built
+    for it). Fast in decode steps: the ring is read in slot order, masks take logical indices.
+
+    ``own_workspace`` allocates the split counters for this call instead of reusing per-stream ones (inside a captured
+    graph).
 
     Host work is kept to a few microseconds besides the launches (`Launcher`, plain integer arithmetic): in eager
     decoding the host, not the GPU, sets the pace at small batches.

@@ -67,8 +67,9 @@ def ring_slots(total: torch.Tensor, capacity: int) -> torch.Tensor:
 def dequantize_ring(data: torch.Tensor, scale: torch.Tensor, total: torch.Tensor, dtype: torch.dtype, start: int = 0,
                     end: int | None = None) -> torch.Tensor:
     """The ring buffer in slots ``[start, end)`` (``end`` None: the capacity) of codes ``data [batch, kv_heads,
-    capacity, head_dim]`` and scales ``scale [batch, kv_heads, capacity]``, dequantized in position order (`ring_slots`):
-    ``[batch, kv_heads, end - start, head_dim]`` of ``dtype``, the live tokens first, the same shape every step."""
+    capacity, head_dim]`` and scales ``scale [batch, kv_heads, capacity]``, dequantized in position order
+    (`ring_slots`): ``[batch, kv_heads, end - start, head_dim]`` of ``dtype``, the live tokens first, the same shape
+    every step."""
     end = data.shape[2] if end is None else end
     return dequantize_slots(data, scale, start + ring_slots(total, end - start), dtype)
 
