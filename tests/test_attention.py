@@ -461,8 +461,8 @@ def test_compiled_operator_output_has_the_values_head_dim(value_head_dim):
     key = _quantized(1, 1, 6, 32, mode, start=0, spare=2)
     value = _quantized(1, 1, 6, value_head_dim, mode, start=0, spare=2)
     query = torch.randn(1, 2, 3, 32, device=DEVICE)
-    args = (query, key.data, key.scale, value.data, value.scale, torch.tensor(6, device=DEVICE), None, 0, 8, None,
-            None, None, None)
+    args = (query, key.data, key.scale, value.data, value.scale, torch.tensor(6, device=DEVICE), None, 0, 8, False, 0,
+            None, None, None, None)
     assert torch.ops.hf_kvquant.attention(*args).shape == (1, 3, 2, value_head_dim)
     checks = torch.library.opcheck(torch.ops.hf_kvquant.attention.default, args,
                                    test_utils=("test_schema", "test_faketensor"))
