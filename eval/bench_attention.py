@@ -114,7 +114,7 @@ def bench_decode(heads: tuple, batch: int, length: int) -> dict:
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, length, mode, key, value)
         name = mode.short_name
-        kernel = functools.partial(quantized_attention, query, qk, qv)
+        kernel = functools.partial(quantized_attention, query, qk.data, qk.scale, qv.data, qv.scale)
         candidates[f"{name}_ms"] = (_bench, kernel)
         candidates[f"{name}_graph_ms"] = (_bench_graph, kernel)
         row[f"{name}_max_error_vs_bf16"] = (kernel().float() - reference).abs().max().item()
@@ -161,8 +161,8 @@ def bench_prefill(batch: int, new: int, past: int) -> dict:
     for mode in KVQuantMode:
         qk, qv = _quantized_cache(batch, past + new, mode, key, value)
         name = mode.short_name
-        route = functools.partial(attention, query, qk, qv)
-        kernel = functools.partial(quantized_attention, query, qk, qv)
+        route = functools.partial(attention, query, qk.data, qk.scale, qv.data, qv.scale)
+        kernel = functools.partial(quantized_attention, query, qk.data, qk.scale, qv.data, qv.scale)
         candidates[f"{name}_ms"] = (_bench, route)
         candidates[f"{name}_kernel_ms"] = (_bench, kernel)
         row[f"{name}_max_error_vs_bf16"] = (route().float() - reference).abs().max().item()

@@ -162,7 +162,8 @@ def attend_quantized(
     """
     if key.rotation is not None:
         query = rotate(query, key.rotation).to(query.dtype)
-    out = ops.attention(query, key, value, padding_mask, **options)
+    out = ops.attention(query, key.data, key.scale, value.data, value.scale, padding_mask, start=key.start,
+                        end=key.end, length=key.length, ring=key.ring, mask_offset=key.mask_offset, **options)
     return out if value.rotation is None else unrotate(out, value.rotation).to(out.dtype)
 
 

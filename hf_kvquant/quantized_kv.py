@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .modes import KVQuantMode
-from .ops.reference import dequantize
+from .ops.reference import dequantize, dequantize_ring
 from .rotation import KeyValueRotation, unrotate
 
 # The name under which hf_kvquant's attention is registered with transformers' AttentionInterface.
@@ -60,6 +60,11 @@ class QuantizedKV:
     ``length`` (preallocated caches, whose shapes must not change from step to step): a 0-d int64 tensor on the device,
     the number of live slots from ``start``; ``[start, end)`` is then the whole capacity, and slots past ``length``
     hold nothing a query may see (transformers' mask for such a layer hides them, and so does hf_kvquant's kernel).
+    ``ring`` (with ``length``, then the tokens ever written): ``[start, end)`` is a ring buffer holding the last
+    ``end - start`` tokens, token ``p`` in slot ``start + p % (end - start)``; it stands for its tokens in position
+    order, the live ones first (`hf_kvquant.ops.ring_slots`).
+    ``mask_offset``: the padding mask handed to attention with these has token ``i``'s column at ``mask_offset + i``
+    (in a ring, token ``i`` is position ``length - n + i`` of the ``n`` held).
     """
 
     data: torch.Tensor
@@ -70,6 +75,8 @@ class QuantizedKV:
     dtype: torch.dtype
     rotation: torch.Tensor | None = None
     length: torch.Tensor | None = None
+    ring: bool = False
+    mask_offset: int = 0
 
     def __post_init__(self):
         if isinstance(self.rotation, KeyValueRotation):
@@ -110,9 +117,12 @@ class QuantizedKV:
         return self.dequantize()[index]
 
     def dequantize(self) -> torch.Tensor:
-        """A dequantized, un-rotated copy ``[batch, kv_heads, end - start, head_dim]`` in ``dtype``."""
-        window = slice(self.start, self.end)
-        if self.rotation is None:
-            return dequantize(self.data[:, :, window], self.scale[:, :, window], self.dtype)
-        rotated = dequantize(self.data[:, :, window], self.scale[:, :, window], torch.float32)
-        return unrotate(rotated, self.rotation).to(self.dtype)
+        """A dequantized, un-rotated copy ``[batch, kv_heads, end - start, head_dim]`` in ``dtype`` (a ring's tokens
+        in position order)."""
+        dtype = self.dtype if self.rotation is None else torch.float32
+        if self.ring:
+            out = dequantize_ring(self.data, self.scale, self.length, dtype, self.start, self.end)
+        else:
+            window = slice(self.start, self.end)
+            out = dequantize(self.data[:, :, window], self.scale[:, :, window], dtype)
+        return out if self.rotation is None else unrotate(out, self.rotation).to(self.dtype)

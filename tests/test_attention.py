@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import HAS_CUDA, requires_cuda
 
-from hf_kvquant import KVQuantMode, QuantizedKV, hf_kvquant_attention
+from hf_kvquant import KVQuantMode, QuantizedKV, hf_kvquant_attention, ops
 from hf_kvquant.cache import token_minor as token_minor_codes
 from hf_kvquant.integration import attend_quantized
-from hf_kvquant.ops.reference import attention_reference, quantize_reference
+from hf_kvquant.ops.reference import attention_reference, dequantize, quantize_reference
 from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
 
 pytest.importorskip("triton", reason="the attention kernel's tests need Triton")
@@ -30,6 +30,13 @@ QUERY_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if HAS_CUDA else [
 # whole units, and errors measured on an H100 reached 1.2 % (fp16) and 2.6 % (bf16) of the output maximum where
 # rounding P costs 0.02 % and 0.15 %.
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def kernel(query, key: QuantizedKV, value: QuantizedKV, padding_mask=None, **options):
+    """The kernel over the buffers and window of a `QuantizedKV` pair, as `attend_quantized` hands them over (without
+    the rotation)."""
+    return quantized_attention(query, key.data, key.scale, value.data, value.scale, padding_mask, start=key.start,
+                               end=key.end, length=key.length, ring=key.ring, mask_offset=key.mask_offset, **options)
 
 
 def _quantized(batch, kv_heads, kv_len, head_dim, mode, start=5, spare=7, dtype=torch.float32, hadamard=False,
@@ -60,7 +67,7 @@ def _left_padding(batch, kv_len, pads):
 
 
 def _check(batch, heads, kv_heads, q_len, kv_len, head_dim, mode, dtype=torch.float32, pads=None,
-           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=quantized_attention, sinks=None,
+           sliding_window=None, softcap=None, scaling=None, hadamard=False, attend=kernel, sinks=None,
            value_head_dim=None, tolerance=None):
     """``attend(query, key, value, mask, **options)`` against the reference over the dequantized (with ``hadamard``:
     un-rotated) keys and values. Values have ``value_head_dim`` channels (default: the keys' ``head_dim``)."""
@@ -148,7 +155,7 @@ def test_live_length_on_the_device(mode, q_len, live, capacity, window):
     key, value = (dataclasses.replace(kv, length=length) for kv in (full_key, full_value))
     query = torch.randn(2, 4, q_len, 64).to(device=DEVICE, dtype=dtype)
     mask = _left_padding(2, capacity, [0, 3])
-    out = quantized_attention(query, key, value, mask, sliding_window=window)
+    out = kernel(query, key, value, mask, sliding_window=window)
     live_key, live_value = (dataclasses.replace(kv, end=live, dtype=torch.float32).dequantize()
                             for kv in (full_key, full_value))
     expected = attention_reference(query.float(), live_key, live_value, mask[:, :live], sliding_window=window)
@@ -185,7 +192,7 @@ def test_decode_at_scale(mode, batch, heads, kv_heads, kv_len):
     # Scores with a standard deviation of about 3: neither uniform nor one-hot over the 128k tokens.
     key_size = (key.data[0, 0, :4096].float() * key.scale[0, 0, :4096, None]).std().item()
     query = (torch.randn(batch, heads, 1, 128, device="cuda") * (3 / key_size)).to(torch.bfloat16)
-    out = quantized_attention(query, key, value)
+    out = kernel(query, key, value)
     for b in (0, batch - 1):
         exact_key, exact_value = (
             dataclasses.replace(kv, data=kv.data[b : b + 1], scale=kv.scale[b : b + 1], dtype=torch.float32)
@@ -270,7 +277,7 @@ def test_hadamard_through_the_registered_function(mode, dtype):
 def test_unrotated_query_on_a_rotated_cache_is_wrong():
     # The rotation must really be undone somewhere: the kernel fed the plain query over rotated K/V misses by far.
     with pytest.raises(AssertionError, match="max error"):
-        _check(1, 2, 1, 1, 64, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True, attend=quantized_attention)
+        _check(1, 2, 1, 1, 64, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, hadamard=True, attend=kernel)
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode))
@@ -352,7 +359,7 @@ def _attend_in_buffers_of_other_strides(mode, heads, q_len, kv_len, head_dim, dt
     key = _quantized(2, 2, kv_len, head_dim, mode, spare=7, token_minor=token_minor == "keys")
     value = _quantized(2, 2, kv_len, head_dim, mode, spare=30, token_minor=token_minor == "values")
     query = torch.randn(2, heads, q_len, head_dim).to(device=DEVICE, dtype=dtype)
-    out = quantized_attention(query, key, value).float()
+    out = kernel(query, key, value).float()
     exact_key, exact_value = (dataclasses.replace(kv, dtype=torch.float32).dequantize() for kv in (key, value))
     expected = attention_reference(query.float(), exact_key, exact_value)
     return key, value, (out - expected).abs().max().item() / expected.abs().max().item()
@@ -384,10 +391,10 @@ def test_wrong_head_dims_are_refused_by_the_kernel():
     key = _quantized(1, 1, 4, 64, mode)
     value = _quantized(1, 1, 4, 64, mode)
     with pytest.raises(ValueError, match="query head_dim 32, key head_dim 64.*query and key of one head_dim"):
-        quantized_attention(torch.zeros(1, 1, 1, 32, device=DEVICE), key, value)
+        kernel(torch.zeros(1, 1, 1, 32, device=DEVICE), key, value)
     wide = _quantized(1, 1, 4, 640, mode)
     with pytest.raises(ValueError, match="value head_dim 640.*each head_dim from 1 to 512"):
-        quantized_attention(torch.zeros(1, 1, 1, 64, device=DEVICE), key, wide)
+        kernel(torch.zeros(1, 1, 1, 64, device=DEVICE), key, wide)
 
 
 def test_reference_takes_value_head_dim_and_refuses_a_key_of_another():
@@ -454,8 +461,8 @@ def test_compiled_operator_output_has_the_values_head_dim(value_head_dim):
     key = _quantized(1, 1, 6, 32, mode, start=0, spare=2)
     value = _quantized(1, 1, 6, value_head_dim, mode, start=0, spare=2)
     query = torch.randn(1, 2, 3, 32, device=DEVICE)
-    args = (query, key.data, key.scale, value.data, value.scale, torch.tensor(6, device=DEVICE), None, 0,
-            mode.spec.kernel_format, None, None, None, None)
+    args = (query, key.data, key.scale, value.data, value.scale, torch.tensor(6, device=DEVICE), None, 0, 8, False, 0,
+            None, None, None, None)
     assert torch.ops.hf_kvquant.attention(*args).shape == (1, 3, 2, value_head_dim)
     checks = torch.library.opcheck(torch.ops.hf_kvquant.attention.default, args,
                                    test_utils=("test_schema", "test_faketensor"))
@@ -471,3 +478,215 @@ def test_keys_and_values_of_one_head_dim_in_buffers_of_other_strides(mode, q_len
     key, value, error = _attend_in_buffers_of_other_strides(mode, 4, q_len, kv_len, 80, torch.float32, token_minor)
     assert key.data.stride() != value.data.stride()
     assert error <= TOLERANCE[torch.float32]
+
+
+# -- ring buffers: a preallocated sliding-window layer that holds one window -----------------------------------------
+
+
+def _float32_bound(query, key, value, out) -> float:
+    """How far two float32 computations of the same attention may differ when only their order of operations differs
+    (the kernel sums tiles, splits and the online softmax's rescalings in its order, the reference in BLAS's), from
+    first-order rounding error analysis with u = 2^-24, over the visible keys ``key`` and values ``value``:
+
+    * a score is a d-term dot product, scaled and moved to base 2: each side is off by at most (d + 8) u S, S the
+      largest ``scaling * sum_i |q_i k_i|``; both sides: ds <= (2d + 16) u S;
+    * score shifts move a softmax-weighted mean by sum_j p_j (ds_j - mean ds)(v_j - o): at most 2 ds max|v - o|;
+    * the n-term sum P.V, its normalisation, the value scale folded into P and the merge of splits: (n + 8) u max|v|.
+
+    A worst case (rounding errors add up in practice as a random walk): measured errors stay far below it, while a
+    token read from the wrong slot or a mask column off by one costs far more (checked in `test_ring_buffer`)."""
+    u, head_dim, n = 2.0**-24, query.shape[-1], key.shape[2]
+    group = query.shape[1] // key.shape[1]
+    k = key.float().abs().repeat_interleave(group, dim=1)
+    score_bound = (query.float().abs() @ k.transpose(-1, -2)).max().item() * head_dim**-0.5
+    v_max = value.abs().max().item()
+    ds = (2 * head_dim + 16) * u * score_bound
+    return 2 * ds * (v_max + out.abs().max().item()) + (n + 8) * u * v_max
+
+
+def _ring(batch, kv_heads, capacity, total, head_dim, mode, seed, token_minor=False):
+    """A ring buffer of ``capacity`` slots after ``total`` tokens were written (token ``p`` in slot ``p % capacity``;
+    slots never written hold garbage: byte 99, scale 1000): ``(data, scale)`` on the device, and the tokens it holds,
+    dequantized in float32 in position order, built from the positions (not through `ring_slots`)."""
+    generator = torch.Generator().manual_seed(seed)
+    magnitude = torch.rand(batch, kv_heads, total, 1, generator=generator) * 3 + 0.5
+    x = torch.randn(batch, kv_heads, total, head_dim, generator=generator) * magnitude
+    codes, scales = quantize_reference(x, mode)
+    data = torch.full((batch, kv_heads, capacity, head_dim), 99, dtype=torch.uint8).view(mode.storage_dtype)
+    scale = torch.full((batch, kv_heads, capacity), 1e3)
+    positions = torch.arange(max(total - capacity, 0), total)
+    data.view(torch.uint8)[:, :, positions % capacity] = codes.view(torch.uint8)[:, :, positions]
+    scale[:, :, positions % capacity] = scales[:, :, positions]
+    if token_minor:
+        data = token_minor_codes(data)
+    held = dequantize(codes[:, :, positions], scales[:, :, positions], torch.float32)
+    return data.to(DEVICE), scale.to(DEVICE), held.to(DEVICE)
+
+
+def _check_ring(mode, capacity, total, q_len, heads, kv_heads, head_dim, padded, window, token_minor,
+                dtype=torch.float32, seed=0):
+    """The kernel and `ops.attention` over a ring against the reference over the tokens it holds, in position order,
+    with a padding mask over absolute positions (row 1 left-padded into the held tokens). Returns (largest error,
+    `_float32_bound`, the kernel's distance from two wrong answers: the reference with the mask one column off, and
+    over the ring's slots in slot order once it wrapped, largest output)."""
+    batch = 2
+    kd, ks, held_k = _ring(batch, kv_heads, capacity, total, head_dim, mode, seed)
+    vd, vs, held_v = _ring(batch, kv_heads, capacity, total, head_dim, mode, seed + 1, token_minor)
+    n = held_k.shape[2]
+    query = torch.randn(batch, heads, q_len, head_dim, generator=torch.Generator().manual_seed(seed + 2))
+    query = query.to(device=DEVICE, dtype=dtype)
+    mask = None
+    if padded:  # columns are positions, as many as a cache of total + 5 tokens would show
+        mask = torch.ones(batch, total + 5, dtype=torch.bool, device=DEVICE)
+        mask[1, : total - n + 3] = False
+    length = torch.tensor(total, device=DEVICE)
+    options = dict(sliding_window=window)
+
+    def reference(k, v, columns):
+        return attention_reference(query.float(), k, v, None if mask is None else mask[:, columns], **options)
+
+    expected = reference(held_k, held_v, slice(total - n, total))
+    outs = [quantized_attention(query, kd, ks, vd, vs, mask, length=length, ring=True, **options),
+            ops.attention(query, kd, ks, vd, vs, mask, length=length, ring=True, **options)]
+    error = max((out.float() - expected).abs().max().item() for out in outs)
+    bound = _float32_bound(query, held_k, held_v, expected)
+    controls = {}
+    if mask is not None:
+        controls["mask_column_off_by_one"] = reference(held_k, held_v, slice(total - n + 1, total + 1))
+    if total > capacity and (q_len > 1 or mask is not None):  # (a decode step without a mask sees keys as a set)
+        slot_order = (torch.arange(n, device=DEVICE) - total) % capacity  # the logical index held in each slot
+        controls["slot_order"] = reference(held_k[:, :, slot_order], held_v[:, :, slot_order], slice(total - n, total))
+    control_errors = {name: (outs[0].float() - c).abs().max().item() for name, c in controls.items()}
+    return error, bound, control_errors, expected.abs().max().item()
+
+
+RING_CASES = [  # (q_len, heads, kv_heads, head_dim, padded, sliding_window ("W": the capacity), values token-minor)
+    (1, 2, 2, 64, False, None, True),
+    (1, 8, 2, 80, True, "W", True),
+    (3, 8, 2, 64, True, "W", False),
+    (3, 4, 1, 80, False, None, True),
+]
+# Tokens written, by the ring's capacity: before it wraps, when it is just full, after, and after several turns.
+RING_TOTALS = {"before_wrap": lambda w: w - 5, "full": lambda w: w, "wrapped": lambda w: w + 7,
+               "turns": lambda w: 3 * w + 3}
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("capacity", [16, 37, 48])
+@pytest.mark.parametrize("when", list(RING_TOTALS))
+def test_ring_buffer(mode, capacity, when):
+    """A preallocated sliding-window layer that holds one window: the kernel (float32 queries: it and the reference
+    differ only in the order of operations) within `_float32_bound` of the reference, decode steps and a short chunk
+    that fits in the ring, GQA 1 and 4, head_dim 64 and 80, with and without a padding mask over absolute positions and
+    a sliding window of the capacity. The bound is a worst case, about 1000 x the errors measured, and still tells
+    the ring read in slot order (measured 80 x the bound and more) and, in the chunk of 3 queries, the mask one column
+    off (4 x and more; in a decode step one column moves one token's share of the output, which it can hide)."""
+    total = RING_TOTALS[when](capacity)
+    for seed, (q_len, heads, kv_heads, head_dim, padded, window, token_minor) in enumerate(RING_CASES):
+        window = capacity if window == "W" else window
+        error, bound, controls, largest = _check_ring(mode, capacity, total, q_len, heads, kv_heads, head_dim,
+                                                      padded, window, token_minor, seed=seed)
+        assert error <= bound, (q_len, heads, kv_heads, head_dim, padded, window, error, bound)
+        assert controls.get("slot_order", bound + 1) > bound, (q_len, padded, controls, bound)
+        if q_len > 1:
+            assert controls.get("mask_column_off_by_one", bound + 1) > bound, (q_len, padded, controls, bound)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("total", [900, 2500])
+def test_ring_buffer_split_decode(mode, total):
+    """A ring long enough to be split across programs (1100 slots: 2 splits, merged) and to take whole unmasked
+    tiles (every row sees every token), before and after it wrapped, with and without a mask and a window."""
+    for padded, window in ((False, None), (True, 1100)):
+        error, bound, _, _ = _check_ring(mode, 1100, total, 1, 4, 2, 64, padded, window, True)
+        assert error <= bound, (padded, error, bound)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("capacity", [16, 48, 1100, 4096])
+@pytest.mark.parametrize("when", list(RING_TOTALS))
+def test_ring_buffer_on_the_gpu(mode, dtype, capacity, when):
+    """Half-precision queries over a ring on the GPU, within `TOLERANCE` of the largest output (the rounding of the
+    probabilities and the output to the query's dtype, as in the other tests here)."""
+    total = RING_TOTALS[when](capacity)
+    for seed, (q_len, heads, kv_heads, head_dim, padded, window, token_minor) in enumerate(RING_CASES):
+        window = capacity if window == "W" else window
+        error, _, _, largest = _check_ring(mode, capacity, total, q_len, heads, kv_heads, head_dim, padded, window,
+                                           token_minor, dtype=dtype, seed=seed)
+        assert error <= TOLERANCE[dtype] * largest, (q_len, heads, head_dim, padded, window, error, largest)
+
+
+def test_ring_needs_its_length_on_the_device():
+    kd, ks, _ = _ring(1, 1, 16, 20, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, 0)
+    query = torch.zeros(1, 1, 1, 64, device=DEVICE)
+    for attend in (quantized_attention, ops.attention):
+        with pytest.raises(ValueError, match="ring buffer needs its token count on the device"):
+            attend(query, kd, ks, kd, ks, ring=True)
+
+
+@pytest.mark.parametrize("mode", list(KVQuantMode))
+@pytest.mark.parametrize("q_len,on_device", [(1, False), (3, False), (1, True), (4, True)])
+def test_mask_offset(mode, q_len, on_device):
+    """A window whose padding mask starts at column ``mask_offset`` (a prefill window built from a ring, whose mask
+    covers positions): the columns before it (all masked here) and after the window are never read."""
+    kv_len, offset = 40, 13
+    key = _quantized(2, 2, kv_len, 64, mode, start=5)
+    value = _quantized(2, 2, kv_len, 64, mode, start=5, token_minor=True)
+    if on_device:  # a preallocated window: the live tokens counted on the device, slots past them unread
+        key, value = (dataclasses.replace(kv, length=torch.tensor(kv_len - 6, device=DEVICE)) for kv in (key, value))
+    live = kv_len - 6 if on_device else kv_len
+    query = torch.randn(2, 4, q_len, 64, device=DEVICE)
+    mask = torch.zeros(2, offset + kv_len + 9, dtype=torch.bool, device=DEVICE)
+    mask[:, offset + kv_len :] = True
+    mask[:, offset : offset + kv_len] = _left_padding(2, kv_len, [0, 7])
+    exact_key, exact_value = (dataclasses.replace(kv, end=kv.start + live, dtype=torch.float32).dequantize()
+                              for kv in (key, value))
+    expected = attention_reference(query, exact_key, exact_value, mask[:, offset : offset + live], sliding_window=24)
+    bound = _float32_bound(query, exact_key, exact_value, expected)
+    key, value = (dataclasses.replace(kv, mask_offset=offset) for kv in (key, value))
+    for out in (kernel(query, key, value, mask, sliding_window=24),
+                attend_quantized(query, key, value, mask, sliding_window=24)):
+        assert (out - expected).abs().max().item() <= bound
+
+
+def test_compiled_ring_decode_in_one_graph():
+    """The custom operator takes the ring (and a mask offset): a decode step through a ring compiles with
+    ``fullgraph=True`` (no host read of the length) and equals the eager call; its fake gives the output's shape."""
+    mode, capacity, total = KVQuantMode.INT8_PER_TOKEN_HEAD, 16, 23  # (opcheck's schema mode fails on float8 on CPU)
+    kd, ks, _ = _ring(2, 2, capacity, total, 64, mode, 0)
+    vd, vs, _ = _ring(2, 2, capacity, total, 48, mode, 1, token_minor=True)
+    query = torch.randn(2, 4, 1, 64, device=DEVICE)
+    length = torch.tensor(total, device=DEVICE)
+    mask = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    mask[1, :12] = False
+
+    def step(query, length, mask):
+        return ops.attention(query, kd, ks, vd, vs, mask, length=length, ring=True, sliding_window=capacity)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):  # the second call after a token more: the same graph
+        assert torch.equal(compiled(query, length, mask), step(query, length, mask))
+        length += 1
+    args = (query, kd, ks, vd, vs, length, mask, 0, capacity, True, 0, None, capacity, None, None)
+    assert torch.ops.hf_kvquant.attention(*args).shape == (2, 1, 4, 48)
+    checks = torch.library.opcheck(torch.ops.hf_kvquant.attention.default, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert set(checks.values()) == {"SUCCESS"}, checks
+
+
+def test_dequantize_ring_gives_position_order():
+    """`ops.dequantize_ring`: the held tokens in position order, then the slots not written yet; the same shape at
+    every step, computed on the device (compiles without a graph break)."""
+    mode, capacity = KVQuantMode.INT8_PER_TOKEN_HEAD, 16
+    for total in (5, 16, 23, 51):
+        data, scale, held = _ring(1, 2, capacity, total, 64, mode, total)
+        length = torch.tensor(total, device=DEVICE)
+        out = ops.dequantize_ring(data, scale, length, torch.float32)
+        assert out.shape == (1, 2, capacity, 64)
+        assert torch.equal(out[:, :, : held.shape[2]], held)
+        compiled = torch.compile(ops.dequantize_ring, fullgraph=True)
+        assert torch.equal(compiled(data, scale, length, torch.float32), out)
+        ring_kv = QuantizedKV(data, scale, 0, capacity, mode, torch.float32, length=length, ring=True)
+        assert torch.equal(ring_kv.dequantize(), out)

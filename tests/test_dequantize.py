@@ -41,7 +41,7 @@ def _quantized(batch, heads, tokens, head_dim, mode, start, spare=3, seed=0, out
 @pytest.mark.parametrize("token_minor", [False, True], ids=["head_dim-minor", "token-minor"])
 def test_dequantize_window_equals_reference(mode, dtype, batch, heads, tokens, head_dim, start, token_minor):
     kv, data, scale = _quantized(batch, heads, tokens, head_dim, mode, start, token_minor=token_minor)
-    out = dequantize_window(kv, dtype)
+    out = dequantize_window(kv.data, kv.scale, dtype, kv.start, kv.end)
     expected = dequantize(data, scale, dtype)
     assert out.shape == (batch, heads, tokens, head_dim) and out.dtype == dtype and out.is_contiguous()
     # One float32 product rounded once to ``dtype`` on both sides: the same bits.
@@ -50,7 +50,17 @@ def test_dequantize_window_equals_reference(mode, dtype, batch, heads, tokens, h
 
 def test_dequantize_window_of_nothing():
     kv, _, _ = _quantized(1, 2, 0, 64, KVQuantMode.INT8_PER_TOKEN_HEAD, start=4)
-    assert dequantize_window(kv, torch.float32).shape == (1, 2, 0, 64)
+    assert dequantize_window(kv.data, kv.scale, torch.float32, kv.start, kv.end).shape == (1, 2, 0, 64)
+
+
+def _through_sdpa(query, key: QuantizedKV, value: QuantizedKV) -> torch.Tensor:
+    return ops.attention_through_sdpa(query, key.data, key.scale, value.data, value.scale, start=key.start,
+                                      end=key.end)
+
+
+def _attention(query, key: QuantizedKV, value: QuantizedKV) -> torch.Tensor:
+    return ops.attention(query, key.data, key.scale, value.data, value.scale, start=key.start, end=key.end,
+                         length=key.length)
 
 
 # Against the reference over the keys and values dequantized in the query's dtype (what the route attends to): the
@@ -68,7 +78,7 @@ def test_attention_through_sdpa_equals_reference(mode, batch, heads, kv_heads, q
     value, _, _ = _quantized(batch, kv_heads, kv_len, head_dim, mode, start=3, seed=2, token_minor=True)
     query = torch.randn(batch, heads, q_len, head_dim, generator=torch.Generator().manual_seed(3))
     query = query.to(DEVICE, dtype)
-    out = ops.attention_through_sdpa(query, key, value)
+    out = _through_sdpa(query, key, value)
     k, v = (dequantize(kv.data[:, :, kv.start : kv.end], kv.scale[:, :, kv.start : kv.end], dtype).float()
             for kv in (key, value))
     expected = attention_reference(query.float(), k, v, None)  # causal, the new tokens last
@@ -88,31 +98,29 @@ def _prefill(q_len, past, dtype=torch.bfloat16):
 
 
 def test_which_calls_take_the_sdpa_route():
-    """Long half-precision prefills without padding, window, soft-cap or sinks; nothing else."""
+    """Long half-precision prefills without padding, window, soft-cap or sinks, over a window the host knows; nothing
+    else."""
     long, short = ops.SDPA_PREFILL_MIN_QUERIES, ops.SDPA_PREFILL_MIN_QUERIES - 1
     query, key, value = _prefill(long, 0)
-    plain = dict(padding_mask=None, sliding_window=None, softcap=None, sinks=None)
-    assert ops._prefills_through_sdpa(query, key, value, **plain)
-    assert not ops._prefills_through_sdpa(query[:, :, :short], key, value, **plain)
-    assert not ops._prefills_through_sdpa(query.float(), key, value, **plain)
-    assert not ops._prefills_through_sdpa(query, key, value, **{**plain, "sliding_window": 16})
-    assert not ops._prefills_through_sdpa(query, key, value, **{**plain, "softcap": 30.0})
-    assert not ops._prefills_through_sdpa(query, key, value, **{**plain, "sinks": torch.zeros(4, device=DEVICE)})
-    mask = torch.ones(1, key.end - key.start, dtype=torch.bool, device=DEVICE)
-    assert not ops._prefills_through_sdpa(query, key, value, **{**plain, "padding_mask": mask})
-    on_device = QuantizedKV(key.data, key.scale, key.start, key.end, key.mode, key.dtype,
-                            length=torch.tensor(key.end, device=DEVICE))
-    assert not ops._prefills_through_sdpa(query, on_device, value, **plain)  # the live length is not on the host
+    plain = dict(length=None, padding_mask=None, sliding_window=None, softcap=None, sinks=None)
+
+    def route(query, **options):
+        return ops._prefills_through_sdpa(query, key.data, value.data, **{**plain, **options})
+
+    assert route(query)
+    assert not route(query[:, :, :short])
+    assert not route(query.float())
+    assert not route(query, sliding_window=16)
+    assert not route(query, softcap=30.0)
+    assert not route(query, sinks=torch.zeros(4, device=DEVICE))
+    assert not route(query, padding_mask=torch.ones(1, key.end - key.start, dtype=torch.bool, device=DEVICE))
+    assert not route(query, length=torch.tensor(key.end, device=DEVICE))  # the live length is not on the host
 
 
 def test_attention_through_sdpa_refuses_a_window_it_cannot_place():
     query, key, value = _prefill(8, 0)
-    on_device = QuantizedKV(key.data, key.scale, key.start, key.end, key.mode, key.dtype,
-                            length=torch.tensor(key.end, device=DEVICE))
-    with pytest.raises(ValueError, match="length on the device"):
-        ops.attention_through_sdpa(query, on_device, value)
     with pytest.raises(ValueError, match="holding the 9 queries"):
-        ops.attention_through_sdpa(torch.cat([query, query[:, :, :1]], dim=2), key, value)
+        _through_sdpa(torch.cat([query, query[:, :, :1]], dim=2), key, value)
 
 
 @requires_cuda
@@ -128,7 +136,8 @@ def test_attention_dispatch_of_a_long_prefill(q_len, past):
     from hf_kvquant.ops.attention_kernel import quantized_attention
 
     query, key, value = _prefill(q_len, past)
-    out = ops.attention(query, key, value)
-    assert torch.equal(out, ops.attention_through_sdpa(query, key, value))
-    kernel = quantized_attention(query, key, value).float()
+    out = _attention(query, key, value)
+    assert torch.equal(out, _through_sdpa(query, key, value))
+    kernel = quantized_attention(query, key.data, key.scale, value.data, value.scale, start=key.start,
+                                 end=key.end).float()
     assert (out.float() - kernel).abs().max().item() <= SDPA_TOLERANCE[torch.bfloat16] * kernel.abs().max().item()

@@ -1,9 +1,12 @@
-"""The launcher (`hf_kvquant.ops.launch`): its specialisation key, the Triton versions its shortcut is taken on, and on
-a GPU that the shortcut reuses a compiled kernel only where Triton would specialise the same way."""
+"""The launcher (`hf_kvquant.ops.launch`): its specialisation key, the Triton versions its shortcut is taken on,
+launches by keyword (each name reaches its parameter, on the public path and through the shortcut), and on a GPU that
+the shortcut reuses a compiled kernel only where Triton would specialise the same way."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import filled_buffers, requires_cuda, requires_triton
+from conftest import HAS_CUDA, filled_buffers, requires_cuda, requires_triton
 
 from hf_kvquant import KVQuantMode
 from hf_kvquant.ops.reference import quantize_into_reference
@@ -29,9 +32,9 @@ def test_shortcut_only_on_the_triton_versions_it_was_checked_on(monkeypatch):
     from hf_kvquant.ops import launch
 
     monkeypatch.setattr(launch, "_triton_version", lambda: (9, 9))
-    assert not launch.Launcher(lambda: None).fast
+    assert not launch.Launcher(_FakeKernel()).fast
     monkeypatch.setattr(launch, "_triton_version", lambda: launch.FAST_LAUNCH_TRITON[0])
-    assert launch.Launcher(lambda: None).fast
+    assert launch.Launcher(_FakeKernel()).fast
 
 
 @requires_cuda
@@ -60,3 +63,108 @@ def test_launcher_recompiles_for_every_specialisation(fast, monkeypatch):
                                g.cpu().view(torch.uint8) if g.dtype != torch.float32 else g.cpu()), (tokens, offset)
     # With the shortcut, distinct specialisations were compiled separately (aligned/unaligned, multiple of 16, 1).
     assert len(launcher._compiled) >= 4 if fast else not launcher._compiled
+
+
+# -- launches by keyword ---------------------------------------------------------------------------------------------
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+
+@triton.jit
+def _axpy_kernel(
+    x_ptr,  # [n] float32
+    y_ptr,  # [n] float32
+    out_ptr,  # [n] float32
+    n, alpha,
+    BLOCK: tl.constexpr, NEGATE: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    out = alpha * tl.load(x_ptr + offs, mask=valid) + tl.load(y_ptr + offs, mask=valid)
+    if NEGATE:
+        out = -out
+    tl.store(out_ptr + offs, out, mask=valid)
+
+
+def test_keywords_reach_their_parameters_in_any_order():
+    """Names given in an order other than the signature's land on their parameters (x and y differ in role: alpha
+    scales only x), on the public path (the interpreter here, the first launch on a GPU)."""
+    from hf_kvquant.ops.launch import Launcher
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    x, y = torch.arange(40.0, device=device), torch.full((40,), 100.0, device=device)
+    out = torch.empty(40, device=device)
+    launch = Launcher(_axpy_kernel)
+    for _ in range(2):  # on a GPU with the shortcut, the second call takes it
+        launch((3,), NEGATE=True, alpha=2.0, n=40, BLOCK=16, out_ptr=out, y_ptr=y, x_ptr=x, num_warps=1)
+        assert torch.equal(out, -(2.0 * x + y))
+
+
+def test_missing_or_unexpected_names_are_refused():
+    from hf_kvquant.ops.launch import Launcher
+
+    launch = Launcher(_axpy_kernel)
+    x = torch.zeros(4)
+    arguments = dict(x_ptr=x, y_ptr=x, out_ptr=x, n=4, alpha=1.0, BLOCK=16, NEGATE=False)
+    with pytest.raises(TypeError, match=r"missing arguments \['alpha'\], unexpected \[\]"):
+        launch((1,), **{k: v for k, v in arguments.items() if k != "alpha"})
+    with pytest.raises(TypeError, match=r"missing arguments \['alpha'\], unexpected \['alfa'\]"):
+        launch((1,), **{k: v for k, v in arguments.items() if k != "alpha"}, alfa=1.0)
+    with pytest.raises(TypeError, match=r"unexpected \['num_ctas'\]"):
+        launch((1,), **arguments, num_ctas=1)  # launch options other than num_warps and num_stages are not taken
+
+
+class _FakeCompiled:
+    """What the shortcut needs of a `CompiledKernel`: it records the arguments `run` receives."""
+
+    packed_metadata = function = None
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class _FakeKernel:
+    """A kernel as the launcher sees it: names, constexpr flags, and ``kernel[grid](**arguments)``."""
+
+    arg_names = ["a_ptr", "n", "scale", "BLOCK", "FLAG"]
+    params = [SimpleNamespace(name=name, is_constexpr=name.isupper()) for name in arg_names]
+
+    def __init__(self):
+        self.compiled = _FakeCompiled()
+        self.public_calls = []
+
+    def __getitem__(self, grid):
+        def launch(**arguments):
+            self.public_calls.append((grid, arguments))
+            return self.compiled
+        return launch
+
+
+def test_shortcut_hands_run_the_values_in_signature_order(monkeypatch):
+    from hf_kvquant.ops import launch
+
+    monkeypatch.setattr(launch, "driver", SimpleNamespace(active=SimpleNamespace(get_current_stream=lambda i: "s")))
+    kernel = _FakeKernel()
+    launcher = launch.Launcher(kernel, fast=True)
+    a = torch.zeros(4)
+    for n in (32, 48):  # one specialisation (both multiples of 16): public, then the shortcut
+        launcher((2,), FLAG=True, scale=0.5, BLOCK=64, n=n, a_ptr=a, num_warps=2)
+    assert kernel.public_calls == [((2,), dict(FLAG=True, scale=0.5, BLOCK=64, n=32, a_ptr=a, num_warps=2))]
+    (run,) = kernel.compiled.runs
+    assert run[:4] == (2, 1, 1, "s") and run[9:] == (a, 48, 0.5, 64, True)  # grid, stream; then signature order
+    launcher((2,), FLAG=True, scale=0.5, BLOCK=64, n=17, a_ptr=a, num_warps=2)  # another specialisation: public
+    assert len(kernel.public_calls) == 2
+
+
+def test_constexprs_must_come_after_the_runtime_arguments():
+    from hf_kvquant.ops.launch import Launcher
+
+    kernel = _FakeKernel()
+    kernel.arg_names = ["a_ptr", "BLOCK", "n"]
+    kernel.params = [SimpleNamespace(name=name, is_constexpr=name.isupper()) for name in kernel.arg_names]
+    with pytest.raises(TypeError, match="constexpr parameters come after its runtime ones"):
+        Launcher(kernel)

@@ -1,6 +1,10 @@
 """Kernels, each beside the plain-PyTorch reference that defines its math (`hf_kvquant.ops.reference`), and the one
 place that picks between them.
 
+The operations take the cache's buffers as plain tensors (codes ``[batch, kv_heads, capacity, head_dim]``, float32
+scales ``[batch, kv_heads, capacity]``) and which slots to read: ops imports nothing of the package above it (only
+`hf_kvquant.modes`), so the cache and its hand-over type (`hf_kvquant.QuantizedKV`) build on ops, never the reverse.
+
 The Triton modules (`quantize_kernel`, `attention_kernel`) are imported on first use with CUDA tensors, so
 `hf_kvquant` imports and runs without Triton (macOS, Windows, CPU-only images): there everything takes the reference.
 
@@ -15,20 +19,22 @@ import functools
 import warnings
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..modes import KVQuantMode
-from .reference import attention_reference, dequantize, quantize_into_reference
+from .limits import MAX_KERNEL_HEAD_DIM
+from .reference import (
+    attention_reference,
+    dequantize,
+    dequantize_ring,
+    dequantize_slots,
+    quantize_into_reference,
+    ring_slots,
+)
 
-if TYPE_CHECKING:
-    from ..quantized_kv import QuantizedKV
-
-# The widest head_dim (of keys, or of values) the Triton kernels take: their tiles are padded to a power of two, and
-# one of 1024 channels would not fit a program's registers. The plain-PyTorch reference takes any head_dim; the cache
-# refuses wider heads only on CUDA devices, where the kernels run.
-MAX_KERNEL_HEAD_DIM = 512
+__all__ = ["MAX_KERNEL_HEAD_DIM", "SDPA_PREFILL_MIN_QUERIES", "attention", "attention_through_sdpa", "cuda_kernels",
+           "dequantize_ring", "quantize_into", "ring_slots"]
 
 
 @functools.cache
@@ -86,88 +92,133 @@ def quantize_into(
 SDPA_PREFILL_MIN_QUERIES = 256
 
 
-def _prefills_through_sdpa(query, key: QuantizedKV, value: QuantizedKV, padding_mask, sliding_window, softcap,
+def _prefills_through_sdpa(query, key_data, value_data, length, padding_mask, sliding_window, softcap,
                            sinks) -> bool:
     """A long prefill that PyTorch's fused kernels compute exactly: causal attention (bottom-right aligned) in half
-    precision over a window the host knows, without padding, sliding window, soft-capping or sinks."""
+    precision over a window the host knows (no ``length`` on the device), without padding, sliding window,
+    soft-capping or sinks."""
     return (query.shape[2] >= SDPA_PREFILL_MIN_QUERIES and query.dtype in (torch.float16, torch.bfloat16)
-            and key.length is None and padding_mask is None and sliding_window is None and softcap is None
-            and sinks is None and key.data.shape[-1] == value.data.shape[-1])
+            and length is None and padding_mask is None and sliding_window is None and softcap is None
+            and sinks is None and key_data.shape[-1] == value_data.shape[-1])
 
 
-def attention_through_sdpa(query: torch.Tensor, key: QuantizedKV, value: QuantizedKV,
-                           scaling: float | None = None) -> torch.Tensor:
-    """Causal attention of ``query [batch, heads, q_len, head_dim]`` over the window of ``key``/``value``, widened to
-    the query's dtype by the dequantize kernel (one layer's window, for this call only) and handed to
-    ``scaled_dot_product_attention``. Returns ``[batch, q_len, heads, head_dim]``."""
+def attention_through_sdpa(query: torch.Tensor, key_data: torch.Tensor, key_scale: torch.Tensor,
+                           value_data: torch.Tensor, value_scale: torch.Tensor, *, start: int = 0,
+                           end: int | None = None, scaling: float | None = None) -> torch.Tensor:
+    """Causal attention of ``query [batch, heads, q_len, head_dim]`` over slots ``[start, end)`` (``end`` None: the
+    capacity) of the buffers (as `attention` takes them), widened to the query's dtype by the dequantize kernel (one
+    layer's window, for this call only) and handed to ``scaled_dot_product_attention``. Returns ``[batch, q_len,
+    heads, head_dim]``."""
     from torch.nn.attention.bias import causal_lower_right
 
     from .dequantize_kernel import dequantize_window
 
-    window = key.end - key.start
-    if key.length is not None or query.shape[2] > window:
-        raise ValueError(
-            f"attention_through_sdpa needs a window whose length the host knows (key.length None; got "
-            f"{'a length on the device' if key.length is not None else 'none'}) holding the {query.shape[2]} queries' "
-            f"tokens (window {window}): a preallocated layer's live length is on the device, use ops.attention")
-    k, v = dequantize_window(key, query.dtype), dequantize_window(value, query.dtype)
+    end = key_data.shape[2] if end is None else end
+    if query.shape[2] > end - start:
+        raise ValueError(f"attention_through_sdpa needs a window holding the {query.shape[2]} queries' tokens (window "
+                         f"{end - start})")
+    k = dequantize_window(key_data, key_scale, query.dtype, start, end)
+    v = dequantize_window(value_data, value_scale, query.dtype, start, end)
     causal = causal_lower_right(query.shape[2], k.shape[2])  # the new tokens are the window's last
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=causal, scale=scaling,
                                                            enable_gqa=True)
     return out.transpose(1, 2).contiguous()
 
 
-def _attention(query, key: QuantizedKV, value: QuantizedKV, padding_mask, scaling, sliding_window, softcap, sinks,
-               own_workspace=False) -> torch.Tensor:
+def _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, ring,
+               mask_offset, scaling, sliding_window, softcap, sinks, own_workspace=False) -> torch.Tensor:
     kernels = _use_kernels(query)
     if kernels is not None:
-        if _prefills_through_sdpa(query, key, value, padding_mask, sliding_window, softcap, sinks):
-            return attention_through_sdpa(query, key, value, scaling)
-        return kernels.attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks,
-                                 own_workspace)
-    end = key.end if key.length is None else key.start + int(key.length)  # the reference reads only live slots
-    window = slice(key.start, end)
-    k, v = (dequantize(kv.data[:, :, window], kv.scale[:, :, window], torch.float32) for kv in (key, value))
+        if _prefills_through_sdpa(query, key_data, value_data, length, padding_mask, sliding_window, softcap, sinks):
+            return attention_through_sdpa(query, key_data, key_scale, value_data, value_scale, start=start, end=end,
+                                          scaling=scaling)
+        return kernels.attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start=start,
+                                 end=end, length=length, ring=ring, mask_offset=mask_offset, scaling=scaling,
+                                 sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                                 own_workspace=own_workspace)
+    # The reference reads only live slots, in position order (the length is read on the host).
+    if ring:
+        total, capacity = int(length), end - start
+        live = min(total, capacity)
+        slots = start + ring_slots(length, capacity)[:live]
+        k = dequantize_slots(key_data, key_scale, slots, torch.float32)
+        v = dequantize_slots(value_data, value_scale, slots, torch.float32)
+        first_column = mask_offset + total - live  # the position of the oldest token held
+    else:
+        live = end - start if length is None else int(length)
+        window = slice(start, start + live)
+        k = dequantize(key_data[:, :, window], key_scale[:, :, window], torch.float32)
+        v = dequantize(value_data[:, :, window], value_scale[:, :, window], torch.float32)
+        first_column = mask_offset
     if padding_mask is not None:
-        padding_mask = padding_mask[:, : end - key.start]
+        padding_mask = padding_mask[:, first_column : first_column + live]
     return attention_reference(query, k, v, padding_mask, scaling, sliding_window, softcap, sinks)
 
 
 @torch.library.custom_op("hf_kvquant::attention", mutates_args=())
 def _attention_op(
     query: torch.Tensor, key_data: torch.Tensor, key_scale: torch.Tensor, value_data: torch.Tensor,
-    value_scale: torch.Tensor, length: torch.Tensor, padding_mask: torch.Tensor | None, start: int, kernel_format: int,
-    scaling: float | None, sliding_window: int | None, softcap: float | None, sinks: torch.Tensor | None,
+    value_scale: torch.Tensor, length: torch.Tensor, padding_mask: torch.Tensor | None, start: int, end: int,
+    ring: bool, mask_offset: int, scaling: float | None, sliding_window: int | None, softcap: float | None,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    from ..quantized_kv import QuantizedKV
-
-    mode, end = KVQuantMode.from_kernel_format(kernel_format), key_data.shape[2]
-    key = QuantizedKV(key_data, key_scale, start, end, mode, query.dtype, length=length)
-    value = QuantizedKV(value_data, value_scale, start, end, mode, query.dtype, length=length)
     # Inside a captured graph: partials allocated per call, from the graph's own memory.
-    return _attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks, own_workspace=True)
+    return _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, ring,
+                      mask_offset, scaling, sliding_window, softcap, sinks, own_workspace=True)
 
 
 @_attention_op.register_fake
-def _(query, key_data, key_scale, value_data, value_scale, length, padding_mask, start, kernel_format, scaling,
-      sliding_window, softcap, sinks):
+def _(query, key_data, key_scale, value_data, value_scale, length, padding_mask, start, end, ring, mask_offset,
+      scaling, sliding_window, softcap, sinks):
     batch, heads, q_len, _ = query.shape
-    value_head_dim = value_data.shape[-1] * KVQuantMode.from_kernel_format(kernel_format).spec.values_per_byte
-    return query.new_empty(batch, q_len, heads, value_head_dim)  # the values' head_dim, which may differ (MLA)
+    return query.new_empty(batch, q_len, heads, value_data.shape[-1])  # the values' head_dim, which may differ (MLA)
 
 
-def attention(query: torch.Tensor, key: QuantizedKV, value: QuantizedKV, padding_mask: torch.Tensor | None = None,
-              scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
-              sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``query [batch, heads, q_len, head_dim]`` over quantized keys (of the query's head_dim) and values
-    (of their own head_dim, which may differ: MLA), by the rules of `attention_reference`: the Triton kernel on CUDA
+def attention(
+    query: torch.Tensor,
+    key_data: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_data: torch.Tensor,
+    value_scale: torch.Tensor,
+    padding_mask: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    length: torch.Tensor | None = None,
+    ring: bool = False,
+    mask_offset: int = 0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``query [batch, heads, q_len, head_dim]`` over slots ``[start, end)`` (``end`` None: the
+    capacity) of one layer's quantized buffers, by the rules of `attention_reference`: the Triton kernel on CUDA
     tensors, dequantize + reference everywhere else. Returns ``[batch, q_len, heads, value_head_dim]`` in the query's
-    dtype."""
+    dtype.
+
+    ``key_data [batch, kv_heads, capacity, head_dim]`` and ``value_data [batch, kv_heads, capacity, value_head_dim]``
+    are int8 or float8_e4m3fn codes (values may have their own head_dim: MLA), ``key_scale``/``value_scale [batch,
+    kv_heads, capacity]`` their float32 scales. ``length`` (a preallocated cache, whose shapes must not change from
+    step to step): a 0-d integer tensor on the device, the live slots from ``start``; slots past it are never read.
+
+    ``ring=True`` (with ``length``, the tokens ever written): the window is a ring buffer, token ``p`` in slot
+    ``start + p % (end - start)``; attention sees its last ``min(length, end - start)`` tokens in position order
+    (`ring_slots`). Exact for queries that fit in the ring with their past; a prefill that wraps it needs a window
+    built for it.
+
+    ``padding_mask [batch, columns]`` (True/1 = attend): column ``mask_offset + i`` for the ``i``-th token attended to;
+    in a ring token ``i`` is position ``length - n + i``, so a mask over absolute positions (``mask_offset`` 0) serves
+    every step."""
+    end = key_data.shape[2] if end is None else end
+    if ring and length is None:
+        raise ValueError("hf_kvquant attention: a ring buffer needs its token count on the device (length)")
     if torch.compiler.is_compiling():
-        if key.length is None:
+        if length is None:
             raise ValueError("hf_kvquant attention compiles over a preallocated cache only: build "
                              "QuantizedPerTokenHeadCache with max_cache_len")
-        return torch.ops.hf_kvquant.attention(
-            query, key.data, key.scale, value.data, value.scale, key.length, padding_mask, key.start,
-            key.mode.spec.kernel_format, scaling, sliding_window, softcap, sinks)
-    return _attention(query, key, value, padding_mask, scaling, sliding_window, softcap, sinks)
+        return torch.ops.hf_kvquant.attention(query, key_data, key_scale, value_data, value_scale, length,
+                                              padding_mask, start, end, ring, mask_offset, scaling, sliding_window,
+                                              softcap, sinks)
+    return _attention(query, key_data, key_scale, value_data, value_scale, padding_mask, start, end, length, ring,
+                      mask_offset, scaling, sliding_window, softcap, sinks)

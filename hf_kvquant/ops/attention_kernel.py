@@ -1,12 +1,12 @@
 """Attention over the quantized cache in Triton: one kernel for decode and prefill, by the rules of
-`hf_kvquant.ops.reference.attention_reference`, reading slots ``[start, start + kv_len)`` of the cache buffers
-(`hf_kvquant.QuantizedKV`) directly.
+`hf_kvquant.ops.reference.attention_reference`, reading slots ``[start, end)`` of a layer's cache buffers (codes and
+scales, as the cache stores them) directly.
 
 The key scale multiplies the score row (``(q . k_q[j]) * k_scale[j] * scaling``) and the value scale the
 probabilities before ``P . V``. Each int8/fp8 tile is converted to the query's dtype in registers (exact: int8 and
 e4m3 values are representable in bf16/fp16); no dequantized copy is ever written. Decode steps over int8 caches with
 keys padded to 64, 128 or 256 channels skip that conversion for them: Q.K^T runs on the stored key codes (int8 tensor
-cores), the query split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of its range (`CODE_DOTS`).
+cores), the query split into two int8 tiles ``hi + lo / 254`` that resolve 1/64516 of its range (`_CODE_QK_HEAD_DIMS`).
 
 One program owns a block of *rows* of one (batch, KV head): row ``r`` is query ``r // group`` of query
 head ``kv_head * group + r % group``, so the query heads that share a KV head read each K/V tile once
@@ -36,9 +36,8 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
-from ..quantized_kv import QuantizedKV
-from . import MAX_KERNEL_HEAD_DIM
 from .launch import Launcher
+from .limits import MAX_KERNEL_HEAD_DIM
 
 _LOG2E = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
@@ -50,12 +49,11 @@ _MIN_SPLIT_TOKENS = 512
 _MAX_SPLITS = 32
 # Decode steps of half-precision queries over int8 caches take Q.K^T on the stored key codes (int8 tensor cores) where
 # the keys pad to 64, 128 or 256 channels: the query splits into two int8 tiles once per program, and no key code is
-# widened (at 256 channels, batch 1: 0.80 -> 0.72 x SDPA; batch 8 unchanged). P.V widens its value tiles: splitting P
-# into codes costs a conversion per row and token of every tile, and measured slower at head_dim 128 and 64, as did
-# code dots in prefill tiles (64 rows; H200, eval/results/kernel_tuning.md). FP8 caches widen
-# their tiles: Hopper's tensor cores take e4m3 only through wgmma, whose 64-row tiles a decode step (a few rows) would
-# mostly waste. False: widened tiles everywhere (for measurement).
-CODE_DOTS = True
+# widened, which made small batches at 256 channels faster and left large ones unchanged. P.V widens its value tiles:
+# splitting P into codes costs a conversion per row and token of every tile, and measured slower at head_dim 128 and
+# 64, as did code dots in prefill tiles. FP8 caches widen their tiles: Hopper's tensor cores take e4m3 only through
+# wgmma, whose 64-row tiles a decode step (a few rows) would mostly waste. Figures: eval/results/kernel_tuning.md,
+# "Decode dots on the int8 codes" and "Q.K^T on key codes at head_dim 256".
 _CODE_QK_HEAD_DIMS = (64, 128, 256)
 
 
@@ -98,20 +96,27 @@ def _load_tile(ptrs, col_valid, d_valid, WHOLE: tl.constexpr, PAD_D: tl.constexp
 def _attend_tiles(
     acc, m_i, l_i, q, q_lo, q_unit, q_pos, lo, hi,
     k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
-    qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
+    qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid, ring_shift, capacity,
     BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
     POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD_DK: tl.constexpr, PAD_DV: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, CODE_QK: tl.constexpr, WIDE_DTYPE: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, CODE_QK: tl.constexpr, WIDE_DTYPE: tl.constexpr, RING: tl.constexpr,
 ):
     """Online softmax over tokens [lo, hi). Without POSITION_MASK the range is whole tiles that every row sees (tiles
     below the causal diagonal): no bounds, causal or window masks in the hot loop, only the padding mask if any.
     SAME_LAYOUT: keys and values have one head_dim and one layout (all but MLA), so one set of offsets serves both.
     CODE_QK: Q.K^T runs on the stored int8 key codes (tensor cores), the query as two code tiles (``q`` + ``q_lo``,
     ``q_unit`` per row, `_as_codes`); otherwise key tiles are widened to the query's dtype (WIDE_DTYPE), as value tiles
-    always are."""
+    always are.
+    RING: [lo, hi) are slots of a ring buffer of ``capacity``, whose logical token 0 is in slot ``ring_shift``: masks
+    and the padding mask take each slot's logical index, loads the slots themselves (contiguous runs)."""
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_valid = cols < hi
+        if RING:
+            pos = cols - ring_shift
+            pos = tl.where(pos < 0, pos + capacity, pos)  # the logical index of each slot
+        else:
+            pos = cols
         k_offsets = k_base + cols[:, None] * k_st + offs_dk[None, :] * k_sd
         if SAME_LAYOUT:
             v_offsets = k_offsets
@@ -132,12 +137,12 @@ def _attend_tiles(
             scores = softcap * _tanh(scores / softcap) * LOG2E
         # base 2 from here on (LOG2E is in qk_scale or above)
         if POSITION_MASK:
-            visible = col_valid[None, :] & (cols[None, :] <= q_pos[:, None])
+            visible = col_valid[None, :] & (pos[None, :] <= q_pos[:, None])
             if SLIDING:
-                visible = visible & (cols[None, :] > q_pos[:, None] - window)
+                visible = visible & (pos[None, :] > q_pos[:, None] - window)
             scores = tl.where(visible, scores, float("-inf"))
         if HAS_MASK:
-            keep = tl.load(mask_ptr + mask_base + cols, mask=col_valid, other=0)
+            keep = tl.load(mask_ptr + mask_base + pos, mask=col_valid, other=0)
             scores = tl.where((keep != 0)[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
@@ -200,31 +205,52 @@ def _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, q_sb, q_sh, q_st,
-    k_ptr, k_sb, k_sh, k_st, k_sd,
-    v_ptr, v_sb, v_sh, v_st, v_sd,
-    ks_ptr, ks_sb, ks_sh,
-    vs_ptr, vs_sb, vs_sh,
-    mask_ptr, mask_sb,
-    o_ptr, o_sb, o_st, o_sh,
-    part_ptr, count_ptr, len_ptr, sink_ptr,
-    kv_start, kv_len, q_len, num_kv_heads, tokens_per_split,
+    q_ptr,  # [batch, heads, q_len, HEAD_DIM_K], the query's dtype, head_dim contiguous
+    q_sb, q_sh, q_st,
+    k_ptr,  # [batch, kv_heads, capacity, HEAD_DIM_K] int8 / float8e4nv key codes, any strides
+    k_sb, k_sh, k_st, k_sd,
+    v_ptr,  # [batch, kv_heads, capacity, HEAD_DIM_V] value codes, any strides (token-minor in most cache layers)
+    v_sb, v_sh, v_st, v_sd,
+    ks_ptr,  # [batch, kv_heads, capacity] float32 key scales, token-contiguous
+    ks_sb, ks_sh,
+    vs_ptr,  # [batch, kv_heads, capacity] float32 value scales, token-contiguous
+    vs_sb, vs_sh,
+    mask_ptr,  # [batch, >= mask_offset + tokens] uint8 padding mask, column mask_offset + i for logical token i (a
+    #            ring: its absolute position), 1 = attend (HAS_MASK)
+    mask_sb,
+    o_ptr,  # [batch, q_len, heads, HEAD_DIM_V], the query's dtype, contiguous
+    o_sb, o_st, o_sh,
+    part_ptr,  # [batch * kv_heads * splits * q_len * GROUP * (HEAD_DIM_V + 2)] float32 split partials (SPLIT)
+    count_ptr,  # [>= row blocks * batch * kv_heads] int32, zero between launches (SPLIT)
+    len_ptr,  # [] integer: the live slots from kv_start (LEN_ON_DEVICE); a ring's tokens ever written
+    sink_ptr,  # [heads] attention-sink logits (HAS_SINKS)
+    kv_start, kv_len, q_len, num_kv_heads, tokens_per_split, mask_offset,
     qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, CODE_QK: tl.constexpr, MERGE_AT_ONCE: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, CODE_QK: tl.constexpr, MERGE_AT_ONCE: tl.constexpr, RING: tl.constexpr,
 ):
     # Row blocks in reverse: in a causal prefill the last ones read the most tiles, so they start first and the
     # short ones fill the tail.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
+    capacity = kv_len
+    ring_shift = 0
+    mask_col0 = mask_offset
     if LEN_ON_DEVICE:
         # A preallocated cache (CUDA graphs): the grid is fixed by the capacity, the live length read here, and the
         # splits cut it evenly (those past its end exit at once).
         kv_len = tl.load(len_ptr).to(tl.int32)
+        if RING:
+            # A ring of `capacity` slots holding the last tokens of `total` (token p in slot p % capacity): its
+            # kv_len visible ones are logical tokens 0.. (position total - kv_len + i), from slot ring_shift on.
+            total = kv_len
+            kv_len = tl.minimum(total, capacity)
+            ring_shift = (total - kv_len) % capacity
+            mask_col0 = mask_offset + total - kv_len
         tokens_per_split = tl.cdiv(tl.cdiv(kv_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     b = (pid_bh // num_kv_heads).to(tl.int64)  # b * batch stride passes 2**31 in large caches
     kv_head = pid_bh % num_kv_heads
@@ -255,39 +281,50 @@ def _attention_kernel(
     first_pos = kv_len - q_len + (pid_m * BLOCK_M) // GROUP
     last_pos = kv_len - q_len + (tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1) // GROUP
 
-    # The tokens this program reads: its split, cut by causality (and the window) of its rows.
+    # The tokens this program reads: its split, cut by causality (and the window) of its rows. A ring's split is a
+    # range of slots, whose logical order wraps: no cut, every token is masked by its logical index.
     lo = pid_s * tokens_per_split
-    hi = tl.minimum(tl.minimum(lo + tokens_per_split, kv_len), last_pos + 1)
-    if SLIDING:
-        lo = tl.maximum(lo, (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N)
+    if RING:
+        hi = tl.minimum(lo + tokens_per_split, kv_len)
+    else:
+        hi = tl.minimum(tl.minimum(lo + tokens_per_split, kv_len), last_pos + 1)
+        if SLIDING:
+            lo = tl.maximum(lo, (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N)
     # Whole tiles at or before the first row's position are visible to every row of the block: an unmasked loop over
     # them, then a masked one over the rest (the diagonal, a split's last partial tile). Decode steps gain too: their
-    # loads then need no bounds (measured on the H200, eval/results/kernel_tuning.md). Window edges mask every tile.
+    # loads then need no bounds (eval/results/kernel_tuning.md, "Whole tiles unmasked in decode too"). Window edges
+    # mask every tile. In a ring, whole tiles are unmasked where every row sees every token: a decode step, with a
+    # window no shorter than the ring's live tokens.
     bulk_end = lo
-    if not SLIDING:
+    if RING:
+        sees_all = first_pos >= kv_len - 1
+        if SLIDING:
+            sees_all = sees_all & (last_pos - window + 1 <= 0)
+        bulk_end = tl.where(sees_all, tl.maximum(lo, lo + (hi - lo) // BLOCK_N * BLOCK_N), lo)
+    elif not SLIDING:
         bulk_end = tl.maximum(lo, lo + (tl.minimum(hi, first_pos + 1) - lo) // BLOCK_N * BLOCK_N)
 
     k_base = b * k_sb + kv_head * k_sh + kv_start * k_st
     v_base = b * v_sb + kv_head * v_sh + kv_start * v_st
     ks_row = ks_ptr + b * ks_sb + kv_head * ks_sh + kv_start  # the scales of this (batch, KV head)'s slots
     vs_row = vs_ptr + b * vs_sb + kv_head * vs_sh + kv_start
-    mask_base = b * mask_sb
+    mask_base = b * mask_sb + mask_col0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if not SLIDING:
+    if RING or not SLIDING:
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, q_lo, q_unit, q_pos, lo, bulk_end,
             k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
-            qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
+            qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid, ring_shift, capacity,
             BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, False, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
-            SAME_LAYOUT, CODE_QK, q_ptr.dtype.element_ty)
+            SAME_LAYOUT, CODE_QK, q_ptr.dtype.element_ty, RING)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_lo, q_unit, q_pos, bulk_end, hi,
         k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
-        qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid,
+        qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid, ring_shift, capacity,
         BLOCK_N, HAS_MASK, SOFTCAP, SLIDING, True, DOT_PRECISION, HEAD_DIM_K != BLOCK_DK, HEAD_DIM_V != BLOCK_DV,
-        SAME_LAYOUT, CODE_QK, q_ptr.dtype.element_ty)
+        SAME_LAYOUT, CODE_QK, q_ptr.dtype.element_ty, RING)
 
     if SPLIT:
         # Partials [batch, kv_heads, splits, rows, ...]: all the outputs (HEAD_DIM_V each), then all the (max, sum)
@@ -388,9 +425,8 @@ def _decode_occupancy(block_d: int, block_m: int, num_warps: int, programs: int,
     """(programs per SM, warps per program) of a decode step with ``programs`` row blocks, each split into at most
     ``most_splits``. 2 per SM; heads of at most 64 channels (``block_d``) hold half the bytes per tile: 3 per SM, or 4
     of 2 warps each where there are enough to fill every SM 4 deep (twice the bytes in flight for the warps of 2).
-    H200, Llama-3.2-1B heads, INT8 and FP8: (8, 32k) 0.66-0.71 -> 0.62-0.64 x SDPA, (32, 8k) 0.70-0.74 -> 0.65 x;
-    at batch 1 (too few programs) 0.77 -> 0.87 x, and rows of 64 (q_len 8) spill with 2 warps
-    (eval/results/kernel_tuning.md)."""
+    With too few programs (batch 1) 4 per SM was slower, and rows of 64 (q_len 8) spill with 2 warps (figures:
+    eval/results/kernel_tuning.md, "Decode occupancy of narrow heads")."""
     if block_d > 64:
         return _PROGRAMS_PER_SM, num_warps
     if num_warps == 4 and block_m == 16 and programs * most_splits >= 4 * sms:
@@ -410,38 +446,60 @@ def _merge_width(splits: int, block_dv: int) -> int:
 
 def quantized_attention(
     query: torch.Tensor,
-    key: QuantizedKV,
-    value: QuantizedKV,
+    key_data: torch.Tensor,
+    key_scale: torch.Tensor,
+    value_data: torch.Tensor,
+    value_scale: torch.Tensor,
     padding_mask: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    length: torch.Tensor | None = None,
+    ring: bool = False,
+    mask_offset: int = 0,
     scaling: float | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     own_workspace: bool = False,
 ) -> torch.Tensor:
-    """Attention of ``query [batch, heads, q_len, head_dim]`` over the quantized cache (Triton). Keys have the query's
-    head_dim, values may have another (MLA latents); each is at most `MAX_KERNEL_HEAD_DIM`, and any size below it
-    works (tiles are padded to a power of two, at least 16).
+    """Attention of ``query [batch, heads, q_len, head_dim]`` over slots ``[start, end)`` (``end`` None: the capacity)
+    of the quantized cache (Triton): codes ``key_data [batch, kv_heads, capacity, head_dim]`` and ``value_data [batch,
+    kv_heads, capacity, value_head_dim]`` (int8 or float8_e4m3fn, any strides), their float32 scales ``key_scale`` and
+    ``value_scale [batch, kv_heads, capacity]``. Keys have the query's head_dim, values may have another (MLA latents);
+    each is at most `MAX_KERNEL_HEAD_DIM`, and any size below it works (tiles are padded to a power of two, at least
+    16).
 
-    ``padding_mask`` is ``[batch, kv_len]`` (True/1 = attend) over the slots from ``key.start``, or None; ``sinks``
-    ``[heads]`` one logit per query head that joins the softmax's denominator (gpt-oss), or None.
-    Returns ``[batch, q_len, heads, value_head_dim]`` in the query's dtype, as transformers' attention functions do.
-    With ``key.length`` (a preallocated cache) the live length is read on the device, so one launch serves every step.
+    ``padding_mask`` is ``[batch, columns]`` (True/1 = attend), column ``mask_offset + i`` for the ``i``-th token
+    attended to, or None; ``sinks`` ``[heads]`` one logit per query head that joins the softmax's denominator
+    (gpt-oss), or None. Returns ``[batch, q_len, heads, value_head_dim]`` in the query's dtype, as transformers'
+    attention functions do. With ``length`` (a preallocated cache: a 0-d integer tensor on the device, the live slots
+    from ``start``) the live length is read on the device, so one launch serves every step.
+
+    ``ring`` (with ``length``): slots ``[start, end)`` are a ring buffer of ``capacity = end - start`` slots holding
+    the last tokens of the ``length`` ever written, token ``p`` in slot ``start + p % capacity``; attention sees its
+    ``n = min(length, capacity)`` tokens in position order (``length - n + i``), the queries the last ``q_len`` of
+    them, and the padding mask's column of token ``i`` is its position ``mask_offset + length - n + i``. That is the
+    model's attention wherever every query's past is still held (a prefill that wraps the ring needs a window built
+    for it). Fast in decode steps: the ring is read in slot order, masks take logical indices.
+
     ``own_workspace`` allocates the split counters for this call instead of reusing per-stream ones (inside a captured
     graph).
 
     Host work is kept to a few microseconds besides the launches (`Launcher`, plain integer arithmetic): in eager
     decoding the host, not the GPU, sets the pace at small batches.
     """
+    if ring and length is None:
+        raise ValueError("hf_kvquant attention kernel: a ring buffer needs its token count on the device (length)")
     batch, heads, q_len, head_dim = query.shape
-    _, kv_heads, _, key_head_dim = key.data.shape
-    value_head_dim = value.data.shape[-1]
+    _, kv_heads, capacity, key_head_dim = key_data.shape
+    value_head_dim = value_data.shape[-1]
     widest = max(key_head_dim, value_head_dim)
     if head_dim != key_head_dim or min(key_head_dim, value_head_dim) < 1 or widest > MAX_KERNEL_HEAD_DIM:
         raise ValueError(f"hf_kvquant attention kernel: query head_dim {head_dim}, key head_dim {key_head_dim}, value "
                          f"head_dim {value_head_dim}; accepted: query and key of one head_dim, each head_dim from 1 "
                          f"to {MAX_KERNEL_HEAD_DIM}")
-    kv_len = key.end - key.start  # with key.length: the capacity, which sizes the grid
+    kv_len = (capacity if end is None else end) - start  # with a length on the device: what sizes the grid
     group = heads // kv_heads
     num_rows = q_len * group
     if query.stride(-1) != 1:
@@ -452,7 +510,7 @@ def quantized_attention(
 
     # At least 16: the smallest tl.dot operand.
     block_dk, block_dv = max(16, _next_power_of_2(head_dim)), max(16, _next_power_of_2(value_head_dim))
-    code_qk = (CODE_DOTS and query.dtype != torch.float32 and key.data.dtype == torch.int8
+    code_qk = (query.dtype != torch.float32 and key_data.dtype == torch.int8
                and block_dk in _CODE_QK_HEAD_DIMS and num_rows <= _DECODE_ROWS)
     block_m, block_n, num_warps, num_stages = _block_sizes(num_rows, max(block_dk, block_dv),
                                                            query.dtype == torch.float32)
@@ -476,35 +534,36 @@ def quantized_attention(
         padding_mask = padding_mask.view(torch.uint8)  # same bytes, a pointer type Triton loads
 
     q_sb, q_sh, q_st, _ = query.stride()
-    k_sb, k_sh, k_st, k_sd = key.data.stride()
-    v_sb, v_sh, v_st, v_sd = value.data.stride()
-    same_layout = head_dim == value_head_dim and key.data.stride() == value.data.stride()
-    ks_sb, ks_sh, _ = key.scale.stride()
-    vs_sb, vs_sh, _ = value.scale.stride()
+    k_sb, k_sh, k_st, k_sd = key_data.stride()
+    v_sb, v_sh, v_st, v_sd = value_data.stride()
+    same_layout = head_dim == value_head_dim and key_data.stride() == value_data.stride()
+    ks_sb, ks_sh, _ = key_scale.stride()
+    vs_sb, vs_sh, _ = value_scale.stride()
     o_sb, o_st, o_sh = q_len * heads * value_head_dim, heads * value_head_dim, value_head_dim  # out is contiguous
     _launch_attention(
         (row_blocks, batch * kv_heads, splits),
-        (
-            query, q_sb, q_sh, q_st,
-            key.data, k_sb, k_sh, k_st, k_sd,
-            value.data, v_sb, v_sh, v_st, v_sd,
-            key.scale, ks_sb, ks_sh,
-            value.scale, vs_sb, vs_sh,
-            out if padding_mask is None else padding_mask, 0 if padding_mask is None else padding_mask.stride(0),
-            out, o_sb, o_st, o_sh,
-            partials, counters, out if key.length is None else key.length, out if sinks is None else sinks,
-            key.start, kv_len, q_len, kv_heads, tokens_per_split,
-            scaling if softcap is not None else scaling * _LOG2E, softcap or 1.0, sliding_window or 0,
-        ),
-        dict(
-            GROUP=group, HEAD_DIM_K=head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
-            SPLIT=splits > 1,
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=key.length is not None,
-            HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout, CODE_QK=code_qk,
-            MERGE_AT_ONCE=_merge_width(splits, block_dv),
-        ),
+        q_ptr=query, q_sb=q_sb, q_sh=q_sh, q_st=q_st,
+        k_ptr=key_data, k_sb=k_sb, k_sh=k_sh, k_st=k_st, k_sd=k_sd,
+        v_ptr=value_data, v_sb=v_sb, v_sh=v_sh, v_st=v_st, v_sd=v_sd,
+        ks_ptr=key_scale, ks_sb=ks_sb, ks_sh=ks_sh,
+        vs_ptr=value_scale, vs_sb=vs_sb, vs_sh=vs_sh,
+        # Pointers the kernel does not read (HAS_MASK, SPLIT, LEN_ON_DEVICE or HAS_SINKS false) get the output.
+        mask_ptr=out if padding_mask is None else padding_mask,
+        mask_sb=0 if padding_mask is None else padding_mask.stride(0),
+        o_ptr=out, o_sb=o_sb, o_st=o_st, o_sh=o_sh,
+        part_ptr=partials, count_ptr=counters, len_ptr=out if length is None else length,
+        sink_ptr=out if sinks is None else sinks,
+        kv_start=start, kv_len=kv_len, q_len=q_len, num_kv_heads=kv_heads, tokens_per_split=tokens_per_split,
+        mask_offset=mask_offset,
+        qk_scale=scaling if softcap is not None else scaling * _LOG2E, softcap=softcap or 1.0,
+        window=sliding_window or 0,
+        GROUP=group, HEAD_DIM_K=head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_MASK=padding_mask is not None, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
+        SPLIT=splits > 1,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", LEN_ON_DEVICE=length is not None,
+        HAS_SINKS=sinks is not None, SAME_LAYOUT=same_layout, CODE_QK=code_qk,
+        MERGE_AT_ONCE=_merge_width(splits, block_dv), RING=ring,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

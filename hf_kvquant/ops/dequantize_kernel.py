@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantized_kv import QuantizedKV
 from .launch import Launcher
 
 # Elements per program: a few KB of codes in, enough bytes in flight per SM.
@@ -22,9 +21,12 @@ _NUM_WARPS = 4
 
 @triton.jit
 def _dequantize_kernel(
-    data_ptr, d_sb, d_sh, d_st, d_sd,
-    scale_ptr, s_sb, s_sh,
-    out_ptr, start, tokens, heads,
+    data_ptr,  # [batch, heads, capacity, HEAD_DIM] int8 / float8e4nv codes, any strides
+    d_sb, d_sh, d_st, d_sd,
+    scale_ptr,  # [batch, heads, capacity] float32, token-contiguous
+    s_sb, s_sh,
+    out_ptr,  # [batch, heads, tokens, HEAD_DIM], contiguous
+    start, tokens, heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -47,25 +49,29 @@ def _dequantize_kernel(
 _launch_dequantize = Launcher(_dequantize_kernel)
 
 
-def dequantize_window(kv: QuantizedKV, dtype: torch.dtype) -> torch.Tensor:
-    """Slots ``[kv.start, kv.end)`` of ``kv`` as a new contiguous ``[batch, kv_heads, end - start, head_dim]`` tensor
-    of ``dtype``, still rotated if the cache is (``kv.rotation`` is not applied). Values equal
-    ``reference.dequantize(data, scale, dtype)`` of the window."""
-    batch, heads, _, head_dim = kv.data.shape
-    tokens = kv.end - kv.start
-    out = torch.empty(batch, heads, tokens, head_dim, device=kv.data.device, dtype=dtype)
+def dequantize_window(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, start: int = 0,
+                      end: int | None = None) -> torch.Tensor:
+    """Slots ``[start, end)`` (``end`` None: the capacity) of the codes ``data [batch, kv_heads, capacity, head_dim]``
+    and their float32 ``scale [batch, kv_heads, capacity]`` as a new contiguous ``[batch, kv_heads, end - start,
+    head_dim]`` tensor of ``dtype``: ``reference.dequantize(data, scale, dtype)`` of the window, bit for bit (a rotated
+    cache's codes stay rotated)."""
+    batch, heads, capacity, head_dim = data.shape
+    tokens = (capacity if end is None else end) - start
+    out = torch.empty(batch, heads, tokens, head_dim, device=data.device, dtype=dtype)
     if out.numel() == 0:
         return out
-    if kv.scale.stride(-1) != 1:
+    if scale.stride(-1) != 1:
         raise ValueError("dequantize_window needs token-contiguous scales")
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_t = max(1, _TILE_ELEMENTS // block_d)
-    d_sb, d_sh, d_st, d_sd = kv.data.stride()
-    s_sb, s_sh, _ = kv.scale.stride()
+    d_sb, d_sh, d_st, d_sd = data.stride()
+    s_sb, s_sh, _ = scale.stride()
     _launch_dequantize(
         (triton.cdiv(tokens, block_t), batch * heads),
-        (kv.data, d_sb, d_sh, d_st, d_sd, kv.scale, s_sb, s_sh, out, kv.start, tokens, heads),
-        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t),
+        data_ptr=data, d_sb=d_sb, d_sh=d_sh, d_st=d_st, d_sd=d_sd,
+        scale_ptr=scale, s_sb=s_sb, s_sh=s_sh,
+        out_ptr=out, start=start, tokens=tokens, heads=heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
         num_warps=_NUM_WARPS,
     )
     return out

@@ -19,8 +19,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..modes import KERNEL_FP8_E4M3, KERNEL_INT8, SCALE_FLOOR, KVQuantMode
-from . import MAX_KERNEL_HEAD_DIM
 from .launch import Launcher
+from .limits import MAX_KERNEL_HEAD_DIM
 
 # Elements of one token-head tile per program: enough work to hide latency, few registers.
 _TILE_ELEMENTS = 4096
@@ -94,12 +94,18 @@ def _quantize_tile(
 
 @triton.jit
 def _quantize_kv_kernel(
-    k_ptr, k_sb, k_sh, k_st,
-    v_ptr, v_sb, v_sh, v_st,
-    slots_ptr,
-    kd_ptr, kd_sb, kd_sh, kd_st, kd_sd,
-    vd_ptr, vd_sb, vd_sh, vd_st, vd_sd,
-    ks_ptr, vs_ptr, s_sb, s_sh,
+    k_ptr,  # [batch, kv_heads, tokens, HEAD_DIM_K] new keys (float32/bf16/fp16), head_dim contiguous
+    k_sb, k_sh, k_st,
+    v_ptr,  # [batch, kv_heads, tokens, HEAD_DIM_V] new values, head_dim contiguous
+    v_sb, v_sh, v_st,
+    slots_ptr,  # [tokens] integer: the cache slot of each new token
+    kd_ptr,  # [batch, kv_heads, capacity, HEAD_DIM_K] int8 / uint8 (e4m3 bytes) key codes, any strides
+    kd_sb, kd_sh, kd_st, kd_sd,
+    vd_ptr,  # [batch, kv_heads, capacity, HEAD_DIM_V] value codes, any strides
+    vd_sb, vd_sh, vd_st, vd_sd,
+    ks_ptr,  # [batch, kv_heads, capacity] float32 key scales, token-contiguous
+    vs_ptr,  # [batch, kv_heads, capacity] float32 value scales, the key scales' strides
+    s_sb, s_sh,
     num_heads, num_tokens,
     HEAD_DIM_K: tl.constexpr, BLOCK_DK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -150,19 +156,19 @@ def quantize_into_triton(
     block_dk, block_dv = 1 << (key_head_dim - 1).bit_length(), 1 << (value_head_dim - 1).bit_length()
     block_t = min(max(_TILE_ELEMENTS // max(block_dk, block_dv), 1), 1 << (num_tokens - 1).bit_length())
     grid = (-(-num_tokens // block_t), batch * num_heads)
+    kd_sb, kd_sh, kd_st, kd_sd = kd.stride()
+    vd_sb, vd_sh, vd_st, vd_sd = vd.stride()
     _launch_quantize(
         grid,
-        (
-            key, key.stride(0), key.stride(1), key.stride(2),
-            value, value.stride(0), value.stride(1), value.stride(2),
-            slots,
-            kd, *kd.stride(),
-            vd, *vd.stride(),
-            key_scale, value_scale, key_scale.stride(0), key_scale.stride(1),
-            num_heads, num_tokens,
-        ),
-        dict(HEAD_DIM_K=key_head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv,
-             BLOCK_T=block_t, QMAX=spec.qmax, FLOOR=SCALE_FLOOR, FORMAT=spec.kernel_format, INTERPRETED=_INTERPRETED),
+        k_ptr=key, k_sb=key.stride(0), k_sh=key.stride(1), k_st=key.stride(2),
+        v_ptr=value, v_sb=value.stride(0), v_sh=value.stride(1), v_st=value.stride(2),
+        slots_ptr=slots,
+        kd_ptr=kd, kd_sb=kd_sb, kd_sh=kd_sh, kd_st=kd_st, kd_sd=kd_sd,
+        vd_ptr=vd, vd_sb=vd_sb, vd_sh=vd_sh, vd_st=vd_st, vd_sd=vd_sd,
+        ks_ptr=key_scale, vs_ptr=value_scale, s_sb=key_scale.stride(0), s_sh=key_scale.stride(1),
+        num_heads=num_heads, num_tokens=num_tokens,
+        HEAD_DIM_K=key_head_dim, BLOCK_DK=block_dk, HEAD_DIM_V=value_head_dim, BLOCK_DV=block_dv, BLOCK_T=block_t,
+        QMAX=spec.qmax, FLOOR=SCALE_FLOOR, FORMAT=spec.kernel_format, INTERPRETED=_INTERPRETED,
         num_warps=_NUM_WARPS,
     )
 

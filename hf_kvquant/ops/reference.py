@@ -19,6 +19,11 @@ position ``kv_len - q_len + i`` (the new tokens are the last ones) and sees key 
 Scores are ``(q . k[j]) * scaling``, soft-capped as ``softcap * tanh(score / softcap)`` when asked (Gemma 2), then
 masked. Attention sinks (gpt-oss: one logit per query head) join each row's softmax denominator and carry no value.
 Rows that see no key at all (padding queries) come out as zeros.
+
+Ring buffers (a preallocated sliding-window layer that holds one window): ``capacity`` slots hold the last tokens of
+``total`` written, token ``p`` in slot ``p % capacity``. Attention sees its ``n = min(total, capacity)`` tokens in
+position order, visible token ``i`` being position ``total - n + i`` (`ring_slots` gives their slots), and the rules
+above apply to that order.
 """
 
 from __future__ import annotations
@@ -49,6 +54,31 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     """``q[..., head_dim] * scale[...]`` in float32, returned as ``dtype``, contiguous (value codes are stored
     token-minor: what follows, such as the Hadamard un-rotation, then runs as over any other tensor)."""
     return (q.contiguous().float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def ring_slots(total: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``[capacity]`` int64: the slot of each token of a ring buffer in position order, after ``total`` (a 0-d integer
+    tensor) tokens were written: the first ``min(total, capacity)`` hold positions ``total - n + i``, the rest are
+    slots not written yet (``total < capacity``). On the device, no host read: compileable."""
+    shift = torch.where(total >= capacity, total % capacity, 0)  # the slot of the oldest token held
+    return (torch.arange(capacity, device=total.device) + shift) % capacity
+
+
+def dequantize_ring(data: torch.Tensor, scale: torch.Tensor, total: torch.Tensor, dtype: torch.dtype, start: int = 0,
+                    end: int | None = None) -> torch.Tensor:
+    """The ring buffer in slots ``[start, end)`` (``end`` None: the capacity) of codes ``data [batch, kv_heads,
+    capacity, head_dim]`` and scales ``scale [batch, kv_heads, capacity]``, dequantized in position order
+    (`ring_slots`): ``[batch, kv_heads, end - start, head_dim]`` of ``dtype``, the live tokens first, the same shape
+    every step."""
+    end = data.shape[2] if end is None else end
+    return dequantize_slots(data, scale, start + ring_slots(total, end - start), dtype)
+
+
+def dequantize_slots(data: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` of the tokens in ``slots`` (an integer tensor), in that order."""
+    # Through a byte view: index_select has no float8 kernel on CPU.
+    codes = data.view(torch.uint8).index_select(2, slots).view(data.dtype)
+    return dequantize(codes, scale.index_select(2, slots), dtype)
 
 
 def quantize_into_reference(
