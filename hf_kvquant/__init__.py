@@ -13,6 +13,7 @@ from .cache import (
     QuantizedPerTokenHeadLayer,
     QuantizedPerTokenHeadSlidingWindowLayer,
     QuantizedPerTokenHeadStaticLayer,
+    QuantizedPerTokenHeadStaticSlidingWindowLayer,
     kv_cache_nbytes,
 )
 from .generation import install_generate_length_check, remove_generate_length_check
@@ -32,6 +33,7 @@ __all__ = [
     "QuantizedPerTokenHeadLayer",
     "QuantizedPerTokenHeadSlidingWindowLayer",
     "QuantizedPerTokenHeadStaticLayer",
+    "QuantizedPerTokenHeadStaticSlidingWindowLayer",
     "hadamard_matrix",
     "hf_kvquant_attention",
     "install_generate_length_check",

@@ -7,9 +7,12 @@ header of about 0.7 KB per layer (2 % of a layer holding 35 KB, e.g. 17 tokens o
 * tensors ``layers.{i}.key_data``, ``layers.{i}.value_data`` ``[batch, kv_heads, tokens, head_dim]`` (int8 or
   float8_e4m3fn; the keys' and the values' head dims may differ, as in MLA models) and ``layers.{i}.key_scale``,
   ``layers.{i}.value_scale`` ``[batch, kv_heads, tokens]`` (float32) for every initialized layer: slots
-  ``[0, stored)`` of a growable layer, ``[0, length)`` of a preallocated one;
+  ``[0, stored)`` of a growable layer, ``[0, length)`` of a preallocated one, the last ``min(length, window)`` tokens in
+  position order of a preallocated sliding-window layer (a ring of one window; version 1 kept all ``length``, and such
+  files still load: the window's tokens are taken from them);
 * the header's ``metadata`` (string to string, structured values JSON-encoded): ``format``
-  (``"hf_kvquant.QuantizedPerTokenHeadCache"``), ``format_version`` (``"1"``), ``mode``, ``hadamard``,
+  (``"hf_kvquant.QuantizedPerTokenHeadCache"``), ``format_version`` (``"2"``; ``"1"`` before preallocated sliding
+  layers held one window), ``mode``, ``hadamard``,
   ``max_cache_len``, ``layers`` (one object per layer: ``type`` ``full_attention`` / ``sliding_attention`` /
   ``dummy``, ``sliding_window``, ``initialized``; for a growable sliding layer ``record_past`` and ``rollback_base``
   (assisted decoding's state, kept even before the first token); for an initialized layer ``dtype`` (of the keys it
@@ -23,8 +26,8 @@ head dims of every layer), the shapes and dtypes of the tensors, the counters. A
 names what was expected and what was found; the cache is built whole and returned only once everything has passed.
 The layers are placed on the CPU unless a device is given (the file does not record where the cache lived: that device
 may not exist where it is loaded). A loaded growable layer holds the capacity its growth policy gives its tokens, not
-necessarily the spare capacity the saved one had; a preallocated layer holds ``max_cache_len`` slots, the slots past its
-length zeroed.
+necessarily the spare capacity the saved one had; a preallocated layer holds ``max_cache_len`` slots (one window for a
+sliding one), the slots past its length zeroed.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from safetensors.torch import save_file
 from .modes import KVQuantMode
 
 FORMAT_NAME = "hf_kvquant.QuantizedPerTokenHeadCache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a preallocated sliding-window layer saves its window (a ring); 1 saved every token
 BUFFER_NAMES = ("key_data", "key_scale", "value_data", "value_scale")  # a layer's tensors, as its state names them
 
 

@@ -65,6 +65,9 @@ class QuantizedKV:
     order, the live ones first (`hf_kvquant.ops.ring_slots`).
     ``mask_offset``: the padding mask handed to attention with these has token ``i``'s column at ``mask_offset + i``
     (in a ring, token ``i`` is position ``length - n + i`` of the ``n`` held).
+    ``columns``: the width of the mask transformers builds for the layer (``get_mask_sizes``), where it is not the
+    tokens handed over (a ring holding one window of a ``max_cache_len`` preallocated cache): `dequantize` places each
+    token in its column (its position), zeros elsewhere, so any attention implementation reads them under that mask.
     """
 
     data: torch.Tensor
@@ -77,6 +80,7 @@ class QuantizedKV:
     length: torch.Tensor | None = None
     ring: bool = False
     mask_offset: int = 0
+    columns: int | None = None
 
     def __post_init__(self):
         if isinstance(self.rotation, KeyValueRotation):
@@ -118,11 +122,23 @@ class QuantizedKV:
 
     def dequantize(self) -> torch.Tensor:
         """A dequantized, un-rotated copy ``[batch, kv_heads, end - start, head_dim]`` in ``dtype`` (a ring's tokens
-        in position order)."""
+        in position order), or ``[batch, kv_heads, columns, head_dim]`` with each token in its column."""
         dtype = self.dtype if self.rotation is None else torch.float32
         if self.ring:
             out = dequantize_ring(self.data, self.scale, self.length, dtype, self.start, self.end)
         else:
             window = slice(self.start, self.end)
             out = dequantize(self.data[:, :, window], self.scale[:, :, window], dtype)
-        return out if self.rotation is None else unrotate(out, self.rotation).to(self.dtype)
+        out = out if self.rotation is None else unrotate(out, self.rotation).to(self.dtype)
+        return out if self.columns is None else self._in_columns(out)
+
+    def _in_columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (in position order) at their columns of a ``columns`` wide tensor, zeros elsewhere. A ring's
+        first column is ``length - min(length, capacity)``, on the device (no host read: compileable)."""
+        out = tokens.new_zeros(*tokens.shape[:2], self.columns, tokens.shape[-1])
+        count = tokens.shape[2]
+        if self.ring:
+            first = self.length - torch.clamp(self.length, max=count)
+            return out.index_copy_(2, first + torch.arange(count, device=out.device), tokens)
+        out[:, :, self.mask_offset : self.mask_offset + count] = tokens
+        return out

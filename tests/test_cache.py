@@ -692,8 +692,8 @@ def test_early_initialization(max_cache_len):
     cache = QuantizedPerTokenHeadCache(config=config, mode="fp8_per_token_head", max_cache_len=max_cache_len)
     cache.early_initialization(batch_size=2, num_heads=1, head_dim=64, dtype=torch.float16, device=torch.device("cpu"))
     assert cache.is_initialized
-    # a preallocated cache allocates every layer whole, sliding ones included; a growable one allocates nothing yet
-    assert [layer.capacity for layer in cache.layers] == [max_cache_len or 0] * 2
+    # a preallocated cache allocates every layer whole, a sliding one its window (4 slots); a growable one nothing yet
+    assert [layer.capacity for layer in cache.layers] == ([0, 0] if max_cache_len is None else [max_cache_len, 4])
     assert cache.get_seq_length(0) == 0
     hf = DynamicCache(config=config)
     tokens = Tokens(batch=2, heads=1, dtype=torch.float16, seed=28)

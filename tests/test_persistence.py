@@ -429,7 +429,7 @@ def _reshape(name, fn):
 
 WELL_FORMED_BUT_WRONG = {
     # name: (write_variant kwargs, expected message fragment)
-    "newer_version": (dict(format_version=2), "format version 2 by a newer hf_kvquant"),
+    "newer_version": (dict(format_version=3), "format version 3 by a newer hf_kvquant"),
     "wrong_shape_heads": (
         dict(edit_tensors=_reshape("layers.1.value_data", lambda t: t.repeat(1, 2, 1, 1))),
         "layer 1 tensor value_data shape mismatch: expected (2, 1, 10, 64), found (2, 2, 10, 64)"),
@@ -819,13 +819,16 @@ def _v1_caches():
         "gemma3_sliding_int8": (gemma, QuantizedPerTokenHeadCache(config=gemma, mode="int8"), [6, 1, 1]),
         "gemma3_recording_int8": (gemma, recording, [2, 1]),
         "hadamard_fp8": (llama, QuantizedPerTokenHeadCache(config=llama, mode="fp8", hadamard=True), [4, 2]),
+        # version 1 kept all 8 tokens of the sliding layer; today's ring keeps its window of 4, which goes on the same
+        "gemma3_preallocated_int8": (gemma, QuantizedPerTokenHeadCache(config=gemma, mode="int8", max_cache_len=12),
+                                     [6, 1, 1]),
     }
     return {name: (config, fill(cache, steps, batch=1, head_dim=16, seed=3))
             for name, (config, cache, steps) in caches.items()}
 
 
 @pytest.mark.parametrize("name", ["growable_int8", "preallocated_fp8", "gemma3_sliding_int8", "gemma3_recording_int8",
-                                  "hadamard_fp8"])
+                                  "hadamard_fp8", "gemma3_preallocated_int8"])
 def test_files_of_format_version_1_still_load(name):
     config, expected = _v1_caches()[name]
     loaded = QuantizedPerTokenHeadCache.load(os.path.join(DATA, f"{name}.v1.safetensors"), config=config)

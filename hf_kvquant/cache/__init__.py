@@ -5,16 +5,23 @@
 * ``inputs`` / ``state`` — what a layer accepts from the model, and the checks of a state read back from a file;
 * ``layer`` — `QuantizedPerTokenHeadLayer`, growable full attention and the `update` skeleton all layers share;
   ``sliding`` — `QuantizedPerTokenHeadSlidingWindowLayer`; ``static`` — `QuantizedPerTokenHeadStaticLayer`
-  (preallocated); ``hybrid`` — the same beside the convolution/recurrent states of hybrid models;
+  (preallocated); ``ring`` — `QuantizedPerTokenHeadStaticSlidingWindowLayer` (preallocated, one window); ``hybrid`` —
+  the same beside the convolution/recurrent states of hybrid models;
 * ``factory`` — the layer class of each layer type, from a table;
 * ``quantized_cache`` — `QuantizedPerTokenHeadCache` and `kv_cache_nbytes`.
 """
 
 from .factory import QUANTIZED_LAYER_TYPE_MAPPING, STATE_LAYER_TYPES, UNSUPPORTED_LAYER_TYPES, cache_layer
-from .hybrid import QuantizedHybridLayer, QuantizedSlidingWindowHybridLayer, QuantizedStaticHybridLayer
+from .hybrid import (
+    QuantizedHybridLayer,
+    QuantizedSlidingWindowHybridLayer,
+    QuantizedStaticHybridLayer,
+    QuantizedStaticSlidingWindowHybridLayer,
+)
 from .inputs import SUPPORTED_DTYPES
 from .layer import QuantizedPerTokenHeadLayer
 from .quantized_cache import QuantizedPerTokenHeadCache, kv_cache_nbytes
+from .ring import QuantizedPerTokenHeadStaticSlidingWindowLayer
 from .sliding import QuantizedPerTokenHeadSlidingWindowLayer
 from .static import QuantizedPerTokenHeadStaticLayer
 from .storage import token_minor, token_minor_zeros
@@ -29,8 +36,10 @@ __all__ = [
     "QuantizedPerTokenHeadLayer",
     "QuantizedPerTokenHeadSlidingWindowLayer",
     "QuantizedPerTokenHeadStaticLayer",
+    "QuantizedPerTokenHeadStaticSlidingWindowLayer",
     "QuantizedSlidingWindowHybridLayer",
     "QuantizedStaticHybridLayer",
+    "QuantizedStaticSlidingWindowHybridLayer",
     "cache_layer",
     "kv_cache_nbytes",
     "token_minor",

@@ -6,8 +6,14 @@ from __future__ import annotations
 from transformers.cache_utils import DummyLayer, LinearAttentionLayer
 
 from ..modes import KVQuantMode
-from .hybrid import QuantizedHybridLayer, QuantizedSlidingWindowHybridLayer, QuantizedStaticHybridLayer
+from .hybrid import (
+    QuantizedHybridLayer,
+    QuantizedSlidingWindowHybridLayer,
+    QuantizedStaticHybridLayer,
+    QuantizedStaticSlidingWindowHybridLayer,
+)
 from .layer import QuantizedPerTokenHeadLayer
+from .ring import QuantizedPerTokenHeadStaticSlidingWindowLayer
 from .sliding import QuantizedPerTokenHeadSlidingWindowLayer
 from .static import QuantizedPerTokenHeadStaticLayer
 
@@ -20,12 +26,12 @@ QUANTIZED_LAYER_TYPE_MAPPING = {
     ("sliding_attention", False): QuantizedPerTokenHeadSlidingWindowLayer,
     ("chunked_attention", False): QuantizedPerTokenHeadSlidingWindowLayer,
     ("full_attention", True): QuantizedPerTokenHeadStaticLayer,
-    ("sliding_attention", True): QuantizedPerTokenHeadStaticLayer,
-    ("chunked_attention", True): QuantizedPerTokenHeadStaticLayer,
+    ("sliding_attention", True): QuantizedPerTokenHeadStaticSlidingWindowLayer,
+    ("chunked_attention", True): QuantizedPerTokenHeadStaticSlidingWindowLayer,
     ("hybrid", False): QuantizedHybridLayer,
     ("hybrid_sliding", False): QuantizedSlidingWindowHybridLayer,
     ("hybrid", True): QuantizedStaticHybridLayer,
-    ("hybrid_sliding", True): QuantizedStaticHybridLayer,
+    ("hybrid_sliding", True): QuantizedStaticSlidingWindowHybridLayer,
 }
 # Layer types whose attention has no sliding window (the config's ``sliding_window`` is for other layers).
 _FULL_ATTENTION_TYPES = ("full_attention", "hybrid")

@@ -136,23 +136,30 @@ def _attention(query, key_data, key_scale, value_data, value_scale, padding_mask
                                  end=end, length=length, ring=ring, mask_offset=mask_offset, scaling=scaling,
                                  sliding_window=sliding_window, softcap=softcap, sinks=sinks,
                                  own_workspace=own_workspace)
-    # The reference reads only live slots, in position order (the length is read on the host).
+    # The reference reads the live slots in position order (the length is read on the host), at their positions
+    # [first, first + live) of the mask's columns, after `first` positions of zeros that the mask hides: the same sums
+    # as attention over a cache that keeps every token (a window hiding the old ones), to the bit.
     if ring:
         total, capacity = int(length), end - start
         live = min(total, capacity)
         slots = start + ring_slots(length, capacity)[:live]
-        k = dequantize_slots(key_data, key_scale, slots, torch.float32)
-        v = dequantize_slots(value_data, value_scale, slots, torch.float32)
-        first_column = mask_offset + total - live  # the position of the oldest token held
+        first = mask_offset + total - live
     else:
         live = end - start if length is None else int(length)
-        window = slice(start, start + live)
-        k = dequantize(key_data[:, :, window], key_scale[:, :, window], torch.float32)
-        v = dequantize(value_data[:, :, window], value_scale[:, :, window], torch.float32)
-        first_column = mask_offset
-    if padding_mask is not None:
-        padding_mask = padding_mask[:, first_column : first_column + live]
+        slots = torch.arange(start, start + live, device=key_data.device)
+        first = mask_offset
+    k, v = (_at_positions(dequantize_slots(data, scale, slots, torch.float32), first)
+            for data, scale in ((key_data, key_scale), (value_data, value_scale)))
+    if first or padding_mask is not None:
+        held = torch.arange(first + live, device=query.device) >= first
+        padding_mask = held[None].expand(query.shape[0], -1) if padding_mask is None else (
+            padding_mask[:, : first + live].bool() & held)
     return attention_reference(query, k, v, padding_mask, scaling, sliding_window, softcap, sinks)
+
+
+def _at_positions(tokens: torch.Tensor, first: int) -> torch.Tensor:
+    """``tokens [batch, kv_heads, live, head_dim]`` after ``first`` positions of zeros."""
+    return tokens if not first else torch.cat([tokens.new_zeros(*tokens.shape[:2], first, tokens.shape[-1]), tokens], 2)
 
 
 @torch.library.custom_op("hf_kvquant::attention", mutates_args=())

@@ -21,6 +21,10 @@ def layouts():
     fill(r, [3], batch=1, head_dim=16, seed=7)
     r.layers[0].activate_past_recording()
     yield "gemma3_recording_int8", r, [2, 1]
+    # added with the ring-buffer layer (issue 32), written by the same f0d74d2 code: a preallocated sliding layer that
+    # kept every token, past its window
+    p = QuantizedPerTokenHeadCache(config=gemma_config(["sliding_attention", "full_attention"], 4, head_dim=16), mode="int8", max_cache_len=12)
+    yield "gemma3_preallocated_int8", p, [6, 1, 1]
     yield "hadamard_fp8", QuantizedPerTokenHeadCache(config=llama_config(layers=2, head_dim=16), mode="fp8", hadamard=True), [4, 2]
 
 
