@@ -308,6 +308,41 @@ def test_compiled_generate_on_the_gpu_equals_eager(attention, mode):
     assert counters["stats"]["unique_graphs"] == graphs, "the reset cache recompiled"
 
 
+@requires_cuda
+@pytest.mark.parametrize("attention", [ATTENTION_NAME, "sdpa"])
+def test_compiled_generate_past_the_window_on_the_gpu(attention):
+    """A sliding-window model on the GPU (Gemma 3's layout, windows of 32 tokens): the preallocated cache holds one
+    window on its sliding layers (a ring), and `generate` compiled by itself (inductor, CUDA graphs) decodes 64 tokens
+    past the window in one graph, equal to eager decoding over the same kind of cache."""
+    from torch._dynamo.utils import counters
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=64, sliding_window=32,
+                              layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    model = Gemma3ForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    model.set_attn_implementation(attention)
+    input_ids = torch.randint(1, 256, (2, 40), device="cuda")  # a prompt longer than the window
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :5] = 0
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=64,
+                   min_new_tokens=64)
+
+    def new_cache():
+        return QuantizedPerTokenHeadCache(config=model.config, mode="int8", max_cache_len=128)
+
+    with torch.no_grad():
+        eager = model.generate(cache=new_cache(), disable_compile=True, **options)
+        torch._dynamo.reset()
+        counters.clear()
+        cache = new_cache()
+        compiled = model.generate(cache=cache, **options)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["stats"])
+    assert torch.equal(compiled, eager)
+    assert [layer.capacity for layer in cache.layers] == [32, 32, 32, 128]
+
+
 @pytest.mark.parametrize("arch", ["diffllama", "jetmoe"])
 def test_models_that_transform_the_cached_keys_and_values_get_tensors(arch, monkeypatch):
     """Some models reshape, split or repeat what `update` returns before attention sees it: under hf_kvquant's

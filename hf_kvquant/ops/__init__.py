@@ -26,7 +26,6 @@ from ..modes import KVQuantMode
 from .limits import MAX_KERNEL_HEAD_DIM
 from .reference import (
     attention_reference,
-    dequantize,
     dequantize_ring,
     dequantize_slots,
     quantize_into_reference,

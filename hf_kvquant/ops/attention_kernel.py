@@ -36,17 +36,19 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
+from .attention_tiles import _LOG2E, _as_codes, _attend_tiles, _merge_splits, _store_rows
+from .attention_tuning import (
+    _DECODE_ROWS,
+    _MAX_SPLITS,
+    _MIN_SPLIT_TOKENS,
+    _block_sizes,
+    _decode_occupancy,
+    _merge_width,
+    _next_power_of_2,
+)
 from .launch import Launcher
 from .limits import MAX_KERNEL_HEAD_DIM
 
-_LOG2E = 1.4426950408889634
-LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
-# Decode: split the tokens into as many parts as keep the programs at or under this many per SM (long programs stream
-# best; more where heads pad to at most 64 channels, whose tiles hold half the bytes: `_decode_occupancy`), each split
-# at least this long, and into at most _MAX_SPLITS (one program merges them all).
-_PROGRAMS_PER_SM = 2
-_MIN_SPLIT_TOKENS = 512
-_MAX_SPLITS = 32
 # Decode steps of half-precision queries over int8 caches take Q.K^T on the stored key codes (int8 tensor cores) where
 # the keys pad to 64, 128 or 256 channels: the query splits into two int8 tiles once per program, and no key code is
 # widened, which made small batches at 256 channels faster and left large ones unchanged. P.V widens its value tiles:
@@ -55,152 +57,6 @@ _MAX_SPLITS = 32
 # wgmma, whose 64-row tiles a decode step (a few rows) would mostly waste. Figures: eval/results/kernel_tuning.md,
 # "Decode dots on the int8 codes" and "Q.K^T on key codes at head_dim 256".
 _CODE_QK_HEAD_DIMS = (64, 128, 256)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp: libdevice does not run in the Triton interpreter.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _as_codes(x):
-    """``x`` (float32 within +-127) as two int8 tiles ``hi + lo / 254``, resolving 1/64516 of the range, for int8
-    tensor-core dots against the stored codes. Rounding to nearest keeps ``hi`` within +-127 and, as
-    ``|x - hi| <= 1/2``, ``lo`` too: no clamps."""
-    hi = tl.floor(x + 0.5)
-    return hi.to(tl.int8), tl.floor((x - hi) * 254.0 + 0.5).to(tl.int8)
-
-
-@triton.jit
-def _dot_codes(hi, lo, codes):
-    """``(hi + lo / 254) @ codes`` in units of 1/254, float32 (exact in int32: at most 512 * 127 * 127 * 255)."""
-    return (tl.dot(hi, codes, out_dtype=tl.int32) * 254 + tl.dot(lo, codes, out_dtype=tl.int32)).to(tl.float32)
-
-
-@triton.jit
-def _load_tile(ptrs, col_valid, d_valid, WHOLE: tl.constexpr, PAD_D: tl.constexpr):
-    """A [BLOCK_N, BLOCK_D] K/V tile, masked only where it can run out of range: tokens past the end of a partial tile
-    (not WHOLE) and head_dim padding (PAD_D: a head_dim that is not a power of two, such as 80, 96 or 192). Unmasked
-    loads need no predicates per row."""
-    if not WHOLE:
-        tile = tl.load(ptrs, mask=col_valid[:, None] & d_valid[None, :], other=0.0)
-    elif PAD_D:
-        tile = tl.load(ptrs, mask=d_valid[None, :], other=0.0)
-    else:
-        tile = tl.load(ptrs)
-    return tile
-
-
-@triton.jit
-def _attend_tiles(
-    acc, m_i, l_i, q, q_lo, q_unit, q_pos, lo, hi,
-    k_ptr, v_ptr, k_base, k_st, k_sd, v_base, v_st, v_sd, ks_row, vs_row, mask_ptr, mask_base,
-    qk_scale, softcap, window, offs_dk, dk_valid, offs_dv, dv_valid, ring_shift, capacity,
-    BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
-    POSITION_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD_DK: tl.constexpr, PAD_DV: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, CODE_QK: tl.constexpr, WIDE_DTYPE: tl.constexpr, RING: tl.constexpr,
-):
-    """Online softmax over tokens [lo, hi). Without POSITION_MASK the range is whole tiles that every row sees (tiles
-    below the causal diagonal): no bounds, causal or window masks in the hot loop, only the padding mask if any.
-    SAME_LAYOUT: keys and values have one head_dim and one layout (all but MLA), so one set of offsets serves both.
-    CODE_QK: Q.K^T runs on the stored int8 key codes (tensor cores), the query as two code tiles (``q`` + ``q_lo``,
-    ``q_unit`` per row, `_as_codes`); otherwise key tiles are widened to the query's dtype (WIDE_DTYPE), as value tiles
-    always are.
-    RING: [lo, hi) are slots of a ring buffer of ``capacity``, whose logical token 0 is in slot ``ring_shift``: masks
-    and the padding mask take each slot's logical index, loads the slots themselves (contiguous runs)."""
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_valid = cols < hi
-        if RING:
-            pos = cols - ring_shift
-            pos = tl.where(pos < 0, pos + capacity, pos)  # the logical index of each slot
-        else:
-            pos = cols
-        k_offsets = k_base + cols[:, None] * k_st + offs_dk[None, :] * k_sd
-        if SAME_LAYOUT:
-            v_offsets = k_offsets
-        else:
-            v_offsets = v_base + cols[:, None] * v_st + offs_dv[None, :] * v_sd
-        k = _load_tile(k_ptr + k_offsets, col_valid, dk_valid, not POSITION_MASK, PAD_DK)
-        if POSITION_MASK:
-            k_scale = tl.load(ks_row + cols, mask=col_valid, other=0.0)
-        else:
-            k_scale = tl.load(ks_row + cols)
-        if CODE_QK:
-            scores = _dot_codes(q, q_lo, tl.trans(k)) * q_unit[:, None] * (k_scale * qk_scale)[None, :]
-        else:
-            # int8/e4m3 -> float32 -> query dtype: exact, the fastest widening measured, the interpreter gets it right.
-            k = k.to(tl.float32).to(WIDE_DTYPE)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
-        if SOFTCAP:
-            scores = softcap * _tanh(scores / softcap) * LOG2E
-        # base 2 from here on (LOG2E is in qk_scale or above)
-        if POSITION_MASK:
-            visible = col_valid[None, :] & (pos[None, :] <= q_pos[:, None])
-            if SLIDING:
-                visible = visible & (pos[None, :] > q_pos[:, None] - window)
-            scores = tl.where(visible, scores, float("-inf"))
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + mask_base + pos, mask=col_valid, other=0)
-            scores = tl.where((keep != 0)[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-        alpha = tl.exp2(m_i - m_safe)
-        if POSITION_MASK:
-            v_scale = tl.load(vs_row + cols, mask=col_valid, other=0.0)
-        else:
-            v_scale = tl.load(vs_row + cols)
-        v = _load_tile(v_ptr + v_offsets, col_valid, dv_valid, not POSITION_MASK, PAD_DV)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = v.to(tl.float32).to(WIDE_DTYPE)
-        p = (p * v_scale[None, :]).to(WIDE_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _merge_splits(part_ptr, part_ml_ptr, pid_bh, num_splits, num_rows, rows, row_valid, offs_d, d_valid,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, AT_ONCE: tl.constexpr):
-    """(acc, max, sum) of a row block over all splits, folding in the splits' partial softmaxes one at a time (online,
-    as in the main loop). AT_ONCE splits per step, unrolled so that their loads are in flight together
-    (one at a time, each step waits a memory latency; all at once compiles slowly and runs slower).
-    The caller's own split is read back too: its registers are in the dot's layout, and mixing them in would move
-    every loaded tile through shared memory. L1-bypassing loads: other SMs wrote the partials."""
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for first in range(0, num_splits, AT_ONCE):
-        for s in tl.static_range(AT_ONCE):
-            part = (pid_bh * num_splits + first + s) * num_rows + rows
-            valid = row_valid & (part < (pid_bh + 1) * num_splits * num_rows)  # split first + s exists
-            split_m = tl.load(part_ml_ptr + part * 2, mask=valid, other=float("-inf"), cache_modifier=".cg")
-            split_l = tl.load(part_ml_ptr + part * 2 + 1, mask=valid, other=0.0, cache_modifier=".cg")
-            split_acc = tl.load(part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                                mask=valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_i, split_m)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            weight = tl.exp2(split_m - m_safe)
-            acc = acc * alpha[:, None] + split_acc * weight[:, None]
-            l_i = l_i * alpha + split_l * weight
-            m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _store_rows(o_ptr, acc, m_i, l_i, b, q_idx, head, row_valid, offs_d, d_valid, o_sb, o_st, o_sh, sink_ptr,
-                HAS_SINKS: tl.constexpr):
-    if HAS_SINKS:
-        # A sink is one more logit in each query head's softmax denominator, with no value: exp(sink - max) joins the
-        # sum (a row that saw no key gives all its weight to the sink: zeros).
-        sink = tl.load(sink_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * LOG2E
-        l_i = l_i + tl.exp2(sink - m_i)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key at all (padding queries): zeros
-    tl.store(o_ptr + b * o_sb + q_idx[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
@@ -359,10 +215,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 @functools.lru_cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -386,62 +238,6 @@ def _counters(device: torch.device, count: int) -> torch.Tensor:
     if counters is None or counters.numel() < count:
         counters = _split_counters[key] = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
     return counters
-
-
-# Rows per (batch, KV head) up to which a call is a decode step: one loop over long K/V streams, split across programs.
-_DECODE_ROWS = 64
-
-
-# Channels x tokens (or rows) of the largest K/V tile (and output block) a program holds: the tiles of head_dim 256
-# (BLOCK_N 64, BLOCK_M 64) tuned in the sweep. Wider heads take fewer tokens and rows per tile, so that head_dim 512
-# needs no more registers or shared memory (pipelined K/V stages) than 256 did.
-_TILE_CHANNEL_TOKENS = 256 * 64
-
-
-@functools.lru_cache
-def _block_sizes(num_rows: int, block_d: int, float32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``block_d`` channels (the wider of the keys' and values' head
-    dims, padded to a power of two), from a sweep over head_dim 64-256 (eval/results/kernel_tuning.md).
-
-    Float32 queries take exact (FMA, not tensor-core) dots, whose tiles the bf16 sizes do not fit in registers: the
-    spills would be reserved as local memory for every thread the GPU can hold. Small tiles and no pipelining compile
-    without spills for head_dim 64-256."""
-    most = _TILE_CHANNEL_TOKENS // block_d  # 64 tokens or rows at 256, 32 at 512
-    # Past 256 channels a row of a tile is too wide for 4 warps' registers: 8 warps share each tile.
-    warps = 4 if block_d <= 256 else 8
-    if float32:
-        return 16, min(64, most) if block_d <= 256 else 16, 8, 1
-    # Past 256 channels fewer stages and prefill rows: with a length not a multiple of 16 the masked tiles' addresses
-    # spilled registers (sm_90, triton 3.6).
-    wide = block_d > 256
-    if num_rows <= _DECODE_ROWS:
-        block_m = min(max(16, _next_power_of_2(num_rows)), most)
-        return block_m, min(128, most), warps, 2 if wide else 3
-    return 16 if wide else min(64, most), min(128, most), warps, 1 if wide else 2
-
-
-def _decode_occupancy(block_d: int, block_m: int, num_warps: int, programs: int, most_splits: int,
-                      sms: int) -> tuple[int, int]:
-    """(programs per SM, warps per program) of a decode step with ``programs`` row blocks, each split into at most
-    ``most_splits``. 2 per SM; heads of at most 64 channels (``block_d``) hold half the bytes per tile: 3 per SM, or 4
-    of 2 warps each where there are enough to fill every SM 4 deep (twice the bytes in flight for the warps of 2).
-    With too few programs (batch 1) 4 per SM was slower, and rows of 64 (q_len 8) spill with 2 warps (figures:
-    eval/results/kernel_tuning.md, "Decode occupancy of narrow heads")."""
-    if block_d > 64:
-        return _PROGRAMS_PER_SM, num_warps
-    if num_warps == 4 and block_m == 16 and programs * most_splits >= 4 * sms:
-        return 4, 2
-    return 3, num_warps
-
-
-def _merge_width(splits: int, block_dv: int) -> int:
-    """Splits' partials the merge reads at once (unrolled: their loads are in flight together): 8, or 16 past 8 splits
-    (one memory latency fewer per 16). Values wider than 256 channels two at a time: more [rows, 512] float32 tiles in
-    flight spill registers; 32 at once spilled at 128 channels, and fewer than 8 as well (ptxas, sm_90; H200:
-    `test_widest_heads_compile_without_spills`, keys of 512 and values of 64 two at a time)."""
-    if block_dv > 256:
-        return 2
-    return 16 if splits > 8 else 8
 
 
 def quantized_attention(
