@@ -85,9 +85,10 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def live_tokens(layer) -> int:
+    """Tokens a layer holds: of a preallocated one its length (a sliding one's ring, at most its window)."""
     from hf_kvquant import QuantizedPerTokenHeadStaticLayer
 
-    return int(layer.length) if isinstance(layer, QuantizedPerTokenHeadStaticLayer) else layer.stored
+    return min(int(layer.length), layer.capacity) if isinstance(layer, QuantizedPerTokenHeadStaticLayer) else layer.stored
 
 
 def state(cache, live_only=False):

@@ -40,7 +40,7 @@ from conftest import assert_same_state, gemma_config, live_tokens, llama_config,
 import hf_kvquant.cache as cache_package
 from hf_kvquant.cache import storage
 from hf_kvquant import ATTENTION_NAME, KVQuantMode, QuantizedKV, QuantizedPerTokenHeadCache
-from hf_kvquant.ops import attention
+from hf_kvquant.integration import attend_quantized
 from hf_kvquant.ops.reference import dequantize
 
 FAULTS = collections.Counter()  # reported by test_fault_count
@@ -381,7 +381,7 @@ def _drive(cache, passes, window) -> list[torch.Tensor]:
             kq, vq = cache.update(k, v, layer_idx)
             assert isinstance(kq, QuantizedKV)
             sliding = window if cache.layers[layer_idx].is_sliding else None
-            outs.append(attention(q, kq, vq, sliding_window=sliding))
+            outs.append(attend_quantized(q, kq, vq, None, sliding_window=sliding))
     return outs
 
 

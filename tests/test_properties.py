@@ -8,7 +8,8 @@ quantizer dequantizes it. After every step the cache must agree with it:
 
 * `update` returns, dequantized, exactly the reference's tokens: all of them for a full-attention layer; the last
   ``window - 1`` past tokens plus the new ones for a sliding layer; for a preallocated layer the whole capacity, whose
-  first ``length`` slots are all the tokens;
+  first ``length`` slots are all the tokens (a preallocated sliding layer: those of its window at their positions,
+  zeros before);
 * the live slots of every layer hold the reference's last tokens (at least what the next step and a recorded rollback
   need), and the counters and mask sizes agree;
 * a bad input (wrong dtype, head_dim, batch, heads, key/value shapes, too many tokens for ``max_cache_len``, not a
@@ -40,6 +41,7 @@ from hf_kvquant import (
     QuantizedPerTokenHeadLayer,
     QuantizedPerTokenHeadSlidingWindowLayer,
     QuantizedPerTokenHeadStaticLayer,
+    QuantizedPerTokenHeadStaticSlidingWindowLayer,
 )
 from hf_kvquant.ops.reference import quantize_reference
 from hf_kvquant.rotation import hadamard_matrix, rotate, unrotate
@@ -114,7 +116,7 @@ class RefLayer:
     def clear(self):
         self.k = None if self.k is None else self.k[:, :, :0]
         self.v = None if self.v is None else self.v[:, :, :0]
-        self.initialized = self.kind == "static" and self.initialized
+        self.initialized = self.kind in ("static", "ring") and self.initialized  # preallocated: buffers kept
         self.rollback_base = 0
 
     def append(self, k32, v32):
@@ -124,20 +126,27 @@ class RefLayer:
 
     def handed(self, n_new: int) -> slice:
         """The tokens (after an update of ``n_new``) that `update` hands to attention."""
-        if self.kind == "sliding":
+        if self.kind in ("sliding", "ring"):
             past = min(self.cum - n_new, self.window - 1)
             return slice(self.cum - n_new - past, self.cum)
         return slice(0, self.cum)
 
     def kept(self) -> int:
         """The fewest tokens the layer may hold: what the next step (and a recorded rollback) needs."""
+        if self.kind == "ring":
+            return min(self.cum, self.window - 1)
         if self.kind != "sliding":
             return self.cum
         pending = self.cum - self.rollback_base if self.record_past else 0
         return min(self.cum, self.window - 1 + pending)
 
+    @property
+    def ring_slots(self) -> int:
+        """A preallocated sliding layer's ring: one window, or the whole capacity if shorter."""
+        return min(self.window, self.capacity)
+
     def mask_sizes(self, q: int) -> tuple[int, int]:
-        if self.kind == "static":
+        if self.kind in ("static", "ring"):
             return self.capacity, 0
         if self.kind == "sliding":
             return min(self.cum, self.window - 1) + q, max(self.cum - self.window + 1, 0)
@@ -226,8 +235,10 @@ class CacheMachine(RuleBasedStateMachine):
             kinds = ["full"] * s["layers"]
         else:
             kinds = [{QuantizedPerTokenHeadStaticLayer: "static", QuantizedPerTokenHeadSlidingWindowLayer: "sliding",
+                      QuantizedPerTokenHeadStaticSlidingWindowLayer: "ring",
                       QuantizedPerTokenHeadLayer: "full"}.get(type(layer), "dummy") for layer in self.cache.layers]
-        self.refs = [RefLayer(kind, s["window"] if kind == "sliding" else None, s["max_cache_len"]) for kind in kinds]
+        self.refs = [RefLayer(kind, s["window"] if kind in ("sliding", "ring") else None, s["max_cache_len"])
+                     for kind in kinds]
         COUNTS["layouts:" + s["layout"]] += 1
 
     @property
@@ -271,12 +282,19 @@ class CacheMachine(RuleBasedStateMachine):
                 got_k, got_v = got_k.dequantize(), got_v.dequantize()  # may have given memory back since)
             assert got_k.dtype == got_v.dtype == self.dtype
             window = ref.handed(n)
+            rows = static  # the rows a preallocated layer un-rotates at once
             if ref.kind == "static":
                 assert got_k.shape[2] == static
                 got_k, got_v = got_k[:, :, : ref.cum], got_v[:, :, : ref.cum]
+            elif ref.kind == "ring":  # the window's tokens at their positions, zeros before
+                assert got_k.shape[2] == static
+                assert not got_k[:, :, : window.start].any() and not got_v[:, :, : window.start].any()
+                got_k, got_v = got_k[:, :, window], got_v[:, :, window]
+                # a decode step hands over the ring; a step that wraps it, a window built for the step
+                rows = ref.ring_slots if n == 1 or ref.cum <= ref.ring_slots else None
             assert got_k.shape == (self.batch, self.heads, window.stop - window.start, self.head_dim)
             for got, ref32 in ((got_k, ref.k), (got_v, ref.v)):
-                assert_same(got, readback(ref32[:, :, window], self.dtype, self.rotation, static))
+                assert_same(got, readback(ref32[:, :, window], self.dtype, self.rotation, rows))
 
     # -- bad inputs --------------------------------------------------------------------------------------------
 
@@ -338,8 +356,10 @@ class CacheMachine(RuleBasedStateMachine):
         cum = max((ref.cum for ref in held), default=0)
         n = data.draw(st.one_of(st.integers(0, min(cum + 1, 4)), st.integers(0, cum + 1)))  # rollbacks are short
         too_many = any(n > ref.cum for ref in held)
+        # a sliding layer must crop what it keeps; a ring only where it never overwrites (max_cache_len <= window)
         must = not too_many and all(ref.kept() - n >= min(ref.cum - n, ref.window - 1)
-                                    for ref in held if ref.kind == "sliding")
+                                    for ref in held if ref.kind == "sliding") and all(
+            n == 0 or ref.capacity <= ref.window for ref in held if ref.kind == "ring")
         before = self._state()
         try:
             self.cache.crop(-n)
@@ -407,7 +427,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.reset()
         for ref in self.refs:
             ref.clear()
-            if ref.kind != "static":
+            if ref.kind not in ("static", "ring"):  # a preallocated layer keeps its (empty) buffers
                 ref.k = ref.v = None
 
     @rule()
@@ -454,9 +474,11 @@ class CacheMachine(RuleBasedStateMachine):
             assert ref.kept() <= n <= ref.cum, (index, ref.kept(), n, ref.cum)
             if ref.kind == "sliding":
                 assert layer.record_past == ref.record_past
+            # the last n tokens, in slots [0, n) (a ring: position p in slot p % capacity)
+            slots = torch.arange(ref.cum - n, ref.cum) % layer.capacity if ref.kind == "ring" else torch.arange(n)
             for data, scale, ref32 in ((layer.key_data, layer.key_scale, ref.k),
                                        (layer.value_data, layer.value_scale, ref.v)):
-                stored = data[:, :, :n].float() * scale[:, :, :n].unsqueeze(-1)
+                stored = data[:, :, slots].float() * scale[:, :, slots].unsqueeze(-1)
                 assert torch.equal(stored, ref32[:, :, ref.cum - n :])
 
     def teardown(self):

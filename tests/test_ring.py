@@ -53,20 +53,22 @@ def test_ring_hands_over_what_a_layer_keeping_every_token_does(mode, window, pla
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode), ids=lambda m: m.short_name)
-def test_crop_within_what_the_ring_still_holds(mode):
-    """Before the ring wraps any crop goes back; after, only as far as the window the next step needs is held (one
-    token with a ring of exactly one window): more raises and changes nothing."""
-    cache = fill(QuantizedPerTokenHeadCache(config=gemma_config(["sliding_attention", "full_attention"], 4), mode=mode,
-                                            max_cache_len=24), [3])
-    cache.crop(-2)
-    assert int(cache.get_seq_length()) == 1
-    fill(cache, [5, 1, 1], seed=1)  # 8 tokens: past the window
+def test_crop_only_where_the_ring_never_overwrites(mode):
+    """As transformers' StaticSlidingWindowLayer: with max_cache_len past the window the ring overwrites tokens, so a
+    crop is refused (changing nothing, even before it wrapped); with max_cache_len <= window it goes back as far as
+    asked."""
+    config = gemma_config(["sliding_attention", "full_attention"], 4)
+    cache = fill(QuantizedPerTokenHeadCache(config=config, mode=mode, max_cache_len=24), [3])
+    assert not cache.layers[0].is_croppable
     before = state(cache)
     with pytest.raises(RuntimeError, match="keeps one window"):
-        cache.crop(-2)
+        cache.crop(-1)
     assert_same_state(before, state(cache))
-    cache.crop(-1)
-    assert int(cache.get_seq_length()) == 7
+    short = fill(QuantizedPerTokenHeadCache(config=gemma_config(["sliding_attention", "full_attention"], 8),
+                                            mode=mode, max_cache_len=8), [5, 1])
+    assert short.layers[0].is_croppable and short.layers[0].capacity == 8
+    short.crop(-3)
+    assert int(short.get_seq_length()) == 3
 
 
 @pytest.mark.parametrize("mode", list(KVQuantMode), ids=lambda m: m.short_name)

@@ -186,6 +186,10 @@ class QuantizedPerTokenHeadLayer(CacheLayerMixin):
         """Quantize and store ``[batch, kv_heads, tokens, head_dim]`` keys and values; return what attention sees
         (the stored tokens the mask describes, the new ones included) as `QuantizedKV` views."""
         self._check_input(key_states, value_states)
+        return self._write(key_states, value_states)
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[QuantizedKV, QuantizedKV]:
+        """`update` past its checks: store the new tokens, return the views."""
         first = not self.is_initialized
         if first:
             self.lazy_initialization(key_states, value_states)

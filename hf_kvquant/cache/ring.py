@@ -48,18 +48,18 @@ class QuantizedPerTokenHeadStaticSlidingWindowLayer(QuantizedPerTokenHeadStaticL
         return min(self.sliding_window, self.max_cache_len)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_input(key_states, value_states)
         count = key_states.shape[-2]
         if count == 1 or not self.is_initialized and count <= self._initial_capacity():
-            return super().update(key_states, value_states)  # no query of this step needs a slot it overwrites
+            return self._write(key_states, value_states)  # no query of this step needs a slot it overwrites
         if torch.compiler.is_compiling():
             raise NotImplementedError(
                 f"a compiled step of {count} tokens over a preallocated sliding-window layer: its writes could "
                 "overwrite tokens its own queries see; compile single-token decode steps (as generate does), or run "
                 "this step eagerly")
-        self._check_input(key_states, value_states)
         held = int(self.length) if self.is_initialized else 0  # a host read: a multi-token step, not the decode path
-        if held + count <= self.capacity:
-            return super().update(key_states, value_states)
+        if held + count <= self._initial_capacity():
+            return self._write(key_states, value_states)
         return self._update_past_the_ring(key_states, value_states, held)
 
     def _slots(self, count: int, first: bool) -> torch.Tensor:
@@ -95,16 +95,21 @@ class QuantizedPerTokenHeadStaticSlidingWindowLayer(QuantizedPerTokenHeadStaticL
                                  columns=self.max_cache_len)
                      for data, scale in ((window[0], window[1]), (window[2], window[3])))
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can go back: only where the ring never overwrites a token (``max_cache_len`` at most the
+        window), as transformers' `StaticSlidingWindowLayer` decides; past the window the slots hold only the last
+        tokens written, whatever was cropped since."""
+        return self.max_cache_len <= self.sliding_window
+
     def check_crop(self, tokens_to_remove: int) -> None:
         super().check_crop(tokens_to_remove)
-        if self.is_initialized and tokens_to_remove:
-            held = int(self.length)
-            kept = held + tokens_to_remove
-            if max(0, kept - self.sliding_window + 1) < held - self.capacity:
-                raise RuntimeError(
-                    f"cannot remove {-tokens_to_remove} tokens: this preallocated sliding-window layer keeps one window "
-                    f"({self.capacity} slots) and no longer holds the tokens before them; use a growable cache (no "
-                    "max_cache_len) with activate_past_recording() for rollbacks past the window")
+        if tokens_to_remove and self.is_initialized and not self.is_croppable:
+            raise RuntimeError(
+                f"cannot remove {-tokens_to_remove} tokens: this preallocated sliding-window layer keeps one window "
+                f"({self.sliding_window} slots of max_cache_len={self.max_cache_len}) and overwrites older tokens; for "
+                "rollbacks (assisted decoding) use a growable cache (no max_cache_len), or max_cache_len <= "
+                f"{self.sliding_window}")
 
     # -- state: the window's tokens in position order ---------------------------------------------------------------
 
