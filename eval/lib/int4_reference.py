@@ -98,10 +98,53 @@ def quantize_int4_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return codes, scale.squeeze(-1), zero.squeeze(-1)
 
 
-def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# The clipped range's candidates: [mid - a * half, mid + b * half] for every (a, b), a outer; (1, 1) first.
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
+
+
+def quantize_int4_codes_clipped(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `quantize_int4_codes`, the same stored format, but each row's range chosen for the least squared error.
+
+    With ``mid = (lo + hi) / 2`` and ``half = (hi - lo) / 2`` (float32), the 25 candidate ranges are ``[mid - a * half,
+    mid + b * half]`` for ``a, b`` in `CLIP_RATIOS` (``a`` outer, ``(1, 1)`` first: the full range, equal to ``[lo,
+    hi]`` up to float rounding); each is rounded as the plain rule does (``scale = max((hi' - lo') / 15,
+    SCALE_FLOOR)``, ``zero = lo'``, codes clamped to [0, 15]) and the row keeps the first candidate of least
+    ``sum((x_hat - x)^2)``. So no row is worse (in squared error) than with the full range; elements outside the chosen
+    range are clipped to its ends, inside it ``|x - x_hat| <= scale / 2`` as before. A write-time search (25 passes
+    over a row of ``head_dim`` values, once per token): the read path is unchanged. Rows with a non-finite value get
+    NaN scale and zero and codes 0, as in `quantize_int4_codes`.
+    """
+    _check_head_dim(x.shape[-1])
+    xf = x.float()
+    lo = xf.amin(dim=-1, keepdim=True)
+    hi = xf.amax(dim=-1, keepdim=True)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    best = None
+    for a in CLIP_RATIOS:
+        for b in CLIP_RATIOS:
+            c_lo, c_hi = mid - a * half, mid + b * half
+            scale = torch.clamp_min((c_hi - c_lo) / INT4_QMAX, SCALE_FLOOR)
+            t = ((xf - c_lo) / scale).round().clamp(0.0, INT4_QMAX)
+            err = (t * scale + c_lo - xf).square().sum(dim=-1, keepdim=True)
+            if best is None:
+                best = [t, scale, c_lo, err]
+            else:
+                better = err < best[3]  # strict: the earlier candidate wins ties (and NaN rows keep the first)
+                best = [torch.where(better, new, old) for new, old in zip((t, scale, c_lo, err), best, strict=True)]
+    t, scale, zero, _ = best
+    zero = zero + 0.0
+    bad = ~torch.isfinite(scale) | ~torch.isfinite(zero)
+    nan = torch.full_like(scale, float("nan"))
+    scale = torch.where(bad, nan, scale)
+    zero = torch.where(bad, nan, zero)
+    codes = torch.where(bad, torch.zeros_like(t), t).to(torch.uint8)
+    return codes, scale.squeeze(-1), zero.squeeze(-1)
+
+
+def quantize_int4(x: torch.Tensor, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x [..., head_dim]`` (head_dim even) -> ``(packed uint8 [..., head_dim / 2], scale float32 [...], zero float32
-    [...])``."""
-    codes, scale, zero = quantize_int4_codes(x)
+    [...])``; ``clip=True``: the range chosen per row by `quantize_int4_codes_clipped` (same format)."""
+    codes, scale, zero = quantize_int4_codes_clipped(x) if clip else quantize_int4_codes(x)
     return pack_int4(codes), scale, zero
 
 
@@ -123,7 +166,7 @@ FORMATS = ("none", "int8", "fp8", "int4")
 _SYMMETRIC = {"int8": KVQuantMode.INT8_PER_TOKEN_HEAD, "fp8": KVQuantMode.FP8_PER_TOKEN_HEAD}
 
 
-def fake_quantize(x: torch.Tensor, fmt: str, rotation: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, fmt: str, rotation: torch.Tensor | None = None, clip: bool = False) -> torch.Tensor:
     """``x [..., head_dim]`` as a cache of format ``fmt`` (``"none"``, ``"int8"``, ``"fp8"``, ``"int4"``) gives it back,
     in ``x``'s dtype: rotated by ``rotation`` (``x @ R``; None: no rotation), rounded per row, rotated back (``@ R.T``).
     """
@@ -134,18 +177,19 @@ def fake_quantize(x: torch.Tensor, fmt: str, rotation: torch.Tensor | None = Non
     xf = x.float()
     if rotation is not None:
         xf = xf @ rotation
-    xq = dequantize_int4_codes(*quantize_int4_codes(xf)) if fmt == "int4" else dequantize(*quantize_reference(xf, _SYMMETRIC[fmt]), torch.float32)
+    quantize = quantize_int4_codes_clipped if clip else quantize_int4_codes
+    xq = dequantize_int4_codes(*quantize(xf)) if fmt == "int4" else dequantize(*quantize_reference(xf, _SYMMETRIC[fmt]), torch.float32)
     if rotation is not None:
         xq = xq @ rotation.T
     return xq.to(x.dtype)
 
 
 def fake_quantize_kv(key: torch.Tensor, value: torch.Tensor, key_format: str, value_format: str,
-                     rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     rotation: torch.Tensor | None = None, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``[batch, kv_heads, tokens, head_dim]`` as a cache storing keys in ``key_format`` and values in
     ``value_format`` gives them back (``"int4"`` mode: ``("int4", "int4")``; ``"k8v4"``: ``("int8", "int4")``), each
     rotated by ``rotation`` before rounding and rotated back after."""
-    return fake_quantize(key, key_format, rotation), fake_quantize(value, value_format, rotation)
+    return fake_quantize(key, key_format, rotation, clip), fake_quantize(value, value_format, rotation, clip)
 
 
 def bytes_per_token_head(head_dim: int, key_format: str, value_format: str, param_bytes: int = 4) -> int:
@@ -212,4 +256,15 @@ if __name__ == "__main__":  # self-checks: python eval/lib/int4_reference.py
     assert bytes_per_token_head(128, "int8", "int4") / (4 * 128) < 0.41
     assert bytes_per_token_head(64, "int4", "int4") / (4 * 64) < 0.32
     assert bytes_per_token_head(64, "int8", "int4") / (4 * 64) < 0.43
+    # clipped: same format, never a larger squared error than the full range, the variant measured
+    cc, cs, cz = quantize_int4_codes_clipped(x)
+    xc = dequantize_int4_codes(cc, cs, cz)
+    assert ((xc - x).square().sum(-1) <= (xh - x).square().sum(-1) * (1 + 1e-5)).all()
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lib.int4_variants import Rounding, round_int4
+    assert torch.equal(xc, round_int4(x, Rounding(clip="grid")))
+    pc, sc, zc = quantize_int4(rows, clip=True)
+    assert torch.isnan(dequantize_int4(pc, sc, zc)[1:3]).all() and torch.isfinite(sc[0])
     print("int4_reference: all self-checks passed")

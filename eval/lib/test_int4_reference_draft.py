@@ -22,6 +22,7 @@ from lib.int4_reference import (  # noqa: E402
     pack_int4,
     quantize_int4,
     quantize_int4_codes,
+    quantize_int4_codes_clipped,
     unpack_int4,
 )
 
@@ -175,3 +176,42 @@ def test_byte_budget(head_dim, int4_budget, k8v4_budget):
     bf16 = 2 * 2 * head_dim
     assert bytes_per_token_head(head_dim, "int4", "int4") / bf16 <= int4_budget
     assert bytes_per_token_head(head_dim, "int8", "int4") / bf16 <= k8v4_budget
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_clipped_range_never_worse_in_squared_error(head_dim):
+    x = _x(300, head_dim, seed=7) @ hadamard_matrix(head_dim)
+    plain = dequantize_int4_codes(*quantize_int4_codes(x))
+    codes, scale, zero = quantize_int4_codes_clipped(x)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    clipped = dequantize_int4_codes(codes, scale, zero)
+    e_plain = (plain - x).square().sum(-1)
+    e_clip = (clipped - x).square().sum(-1)
+    assert (e_clip <= e_plain * (1 + 1e-5)).all()
+    assert e_clip.sum() < e_plain.sum()  # it does clip some rows
+    # inside its chosen range every element is within half a step
+    inside = (x >= zero[:, None]) & (x <= zero[:, None] + 15 * scale[:, None])
+    err = (clipped - x).abs()
+    assert (err[inside] <= (scale[:, None] / 2 * (1 + 1e-5) + 1e-6).expand_as(x)[inside]).all()
+
+
+def test_clipped_is_the_variant_measured():
+    from lib.int4_variants import Rounding, round_int4
+
+    x = _x(4, 3, 50, 64, seed=8)
+    ours = dequantize_int4_codes(*quantize_int4_codes_clipped(x))
+    assert torch.equal(ours, round_int4(x, Rounding(clip="grid")))
+
+
+def test_clipped_edge_cases():
+    x = _x(4, 16, seed=9)
+    x[1, 3] = float("nan")
+    x[2] = 1.25
+    x[3] = -0.0
+    packed, scale, zero = quantize_int4(x, clip=True)
+    back = dequantize_int4(packed, scale, zero)
+    assert torch.isnan(back[1]).all() and torch.isfinite(back[0]).all()
+    assert torch.equal(back[2], x[2])
+    assert (back[3] == 0).all() and not torch.signbit(zero[3])
+    with pytest.raises(ValueError, match="even"):
+        quantize_int4(torch.zeros(2, 3), clip=True)
