@@ -42,8 +42,23 @@ Edge cases, all confined to their own row (every reduction is along the last axi
   element equal to -0.0 may read +0.0;
 * the input may be any float dtype; the math is float32; ``dequantize_int4`` returns the dtype asked for.
 
-Bytes per token-head (one of K or V): ``head_dim / 2`` codes + 8 (float32 scale and zero); both K and V in INT4
-against bf16 (``2 * 2 * head_dim``): 0.3125x at head_dim 64, 0.281x at 128, 0.266x at 256.
+Bytes per token-head (one of K or V): ``head_dim / 2`` codes + 8 (float32 scale and zero); against bf16 keys and
+values (``2 * 2 * head_dim``):
+
+    head_dim            64        128       256
+    int4  (K4 + V4)     80 B      144 B     272 B
+                        0.3125x   0.281x    0.266x
+    k8v4  (K8 + V4)     108 B     204 B     396 B      (INT8 keys: head_dim + 4 bytes)
+                        0.422x    0.398x    0.387x
+
+Write rule, recommended (issue 33, eval/results/int4_accuracy_smollm2.md): the range of each row chosen for the least
+squared error among 25 candidates (`quantize_int4_codes_clipped`, ``quantize_int4(x, clip=True)``), after the
+Hadamard rotation. Same stored format and read path as the plain min/max rule (`quantize_int4_codes`), which is
+kept: it is the rule with the element-wise bound above, and the one the first measurements used. SmolLM2-135M,
+WikiText-2, 67,518 tokens: plain min/max + H vs unquantized see the results file; clipped + H +4.10 %.
+
+Scores against a packed key row: ``q . k_hat = scale * (q[:h] . lo_nibbles + q[h:] . hi_nibbles) + zero * sum(q)``
+(``h = head_dim / 2``), so a kernel needs one ``sum(q)`` per query and one multiply-add per key.
 """
 
 from __future__ import annotations
