@@ -61,7 +61,8 @@ def test_lm_eval_command_without_lm_eval_is_one_line():
 
 
 def test_importing_lm_eval_model_without_lm_eval_raises_the_same_message(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval...` then fails as if not installed
+    for name in [name for name in sys.modules if name.split(".")[0] == "lm_eval"] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import lm_eval...` then fails as if not installed
     monkeypatch.delitem(sys.modules, "hf_kvquant.evaluation.lm_eval_model", raising=False)
     with pytest.raises(extras.MissingExtraError, match=r"^hf_kvquant\.evaluation\.lm_eval_model needs lm-eval, .*"
                                                        r'`eval` extra installs: pip install -e "\.\[eval\]"'):

@@ -683,8 +683,8 @@ COMPILED_NEW_TOKENS = 24
 
 
 def _compiled_vs_eager(model, input_ids, mode):
-    """(compiled tokens, eager tokens, dynamo counters) of greedy generation over a preallocated cache: `generate`
-    compiles its decode step by itself (``is_compileable``), here with dynamo's whole-graph trace and no compiler
+    """(compiled, eager, dynamo counters): greedy generations (tokens and logits) over a preallocated cache, `generate`
+    compiling its decode step by itself (``is_compileable``), here with dynamo's whole-graph trace and no compiler
     (``backend="eager"``, on the CPU)."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
@@ -692,41 +692,68 @@ def _compiled_vs_eager(model, input_ids, mode):
     config = CompileConfig(fullgraph=True, backend="eager")
     config._compile_all_devices = True
     options = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                   max_new_tokens=COMPILED_NEW_TOKENS, min_new_tokens=COMPILED_NEW_TOKENS)
+                   max_new_tokens=COMPILED_NEW_TOKENS, min_new_tokens=COMPILED_NEW_TOKENS, return_dict_in_generate=True,
+                   output_logits=True)
     max_len = input_ids.shape[1] + COMPILED_NEW_TOKENS
     with torch.no_grad():
         eager = model.generate(cache=_qcache(model, mode, max_cache_len=max_len), disable_compile=True, **options)
         torch._dynamo.reset()
         counters.clear()
         compiled = model.generate(cache=_qcache(model, mode, max_cache_len=max_len), compile_config=config, **options)
-    return compiled, eager, counters
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"], dict(counters)
+    return compiled, eager
+
+
+# A flip between the two best tokens is allowed only where eager's margin is under this (logits), and the first steps'
+# logits agree within this fraction of the largest: with SDPA, transformers builds the mask as a tensor under a trace
+# where eagerly SDPA takes is_causal, another float32 summation order (2e-5 of the logits measured on SmolLM2 at the
+# first steps, growing as it flips roundings downstream: 0.07 by step 24, where a 0.026 margin flipped).
+NEAR_TIE = 0.1
+FIRST_STEPS, FIRST_STEPS_TOLERANCE = 4, 1e-3
+
+
+def _assert_same_up_to_a_near_tie(compiled, eager):
+    steps = len(eager.logits)
+    for step in range(steps):
+        want, got = eager.logits[step].float(), compiled.logits[step].float()
+        if step < FIRST_STEPS:
+            assert (got - want).abs().max() <= FIRST_STEPS_TOLERANCE * want.abs().max(), step
+        token, other = eager.sequences[:, -steps + step], compiled.sequences[:, -steps + step]
+        if not torch.equal(token, other):
+            top2 = want.topk(2, dim=-1).values
+            assert ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).all(), f"step {step}: tokens differ without a near tie"
+            return
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention, mode", [("hf_kvquant", "int8"), ("sdpa", "fp8")])
-def test_smollm2_compiled_generate_equals_eager(smollm2, attention, mode):
+@pytest.mark.parametrize("attention", ["hf_kvquant", "sdpa"])
+def test_smollm2_compiled_generate_equals_eager(smollm2, attention):
+    """INT8 over a preallocated cache: under hf_kvquant's attention the compiled step runs the same custom operators as
+    eager decoding, tokens equal; under SDPA equal up to a near tie (see `NEAR_TIE`)."""
     model, tok = smollm2
     model.set_attn_implementation(attention)
     try:
-        compiled, eager, counters = _compiled_vs_eager(model, _chat_ids(tok, CHAT_PROMPTS[1]), mode)
+        compiled, eager = _compiled_vs_eager(model, _chat_ids(tok, CHAT_PROMPTS[1]), "int8")
     finally:
         model.set_attn_implementation("sdpa")
-    assert torch.equal(compiled, eager)
-    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"], dict(counters)
+    if attention == "hf_kvquant":
+        assert torch.equal(compiled.sequences, eager.sequences)
+    else:
+        _assert_same_up_to_a_near_tie(compiled, eager)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["int8", "fp8"])
-def test_gemma3_compiled_generate_equals_eager_past_the_window(gemma3, wikitext, mode):
-    """Gemma 3's sliding-window layers, compiled, with a prompt longer than their 512-token window."""
+def test_gemma3_compiled_generate_equals_eager_past_the_window(gemma3, wikitext):
+    """Gemma 3's sliding-window layers (rings of one window, preallocated), FP8, compiled, with a prompt longer than
+    their 512-token window: tokens equal eager decoding's (INT8 and SDPA compiled: the SmolLM2 test above and
+    tests/test_integration.py's tiny Gemma 3)."""
     model, tok = gemma3
     model.set_attn_implementation("hf_kvquant")
     try:
-        compiled, eager, counters = _compiled_vs_eager(model, _wiki_ids(tok, wikitext, 600), mode)
+        compiled, eager = _compiled_vs_eager(model, _wiki_ids(tok, wikitext, 600), "fp8")
     finally:
         model.set_attn_implementation("sdpa")
-    assert torch.equal(compiled, eager)
-    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"], dict(counters)
+    assert torch.equal(compiled.sequences, eager.sequences)
 
 
 # -- a preallocated cache too small for the call -----------------------------------------------------------------
