@@ -16,7 +16,6 @@ from .hybrid import (
     QuantizedHybridLayer,
     QuantizedSlidingWindowHybridLayer,
     QuantizedStaticHybridLayer,
-    QuantizedStaticSlidingWindowHybridLayer,
 )
 from .inputs import SUPPORTED_DTYPES
 from .layer import QuantizedPerTokenHeadLayer
@@ -39,7 +38,6 @@ __all__ = [
     "QuantizedPerTokenHeadStaticSlidingWindowLayer",
     "QuantizedSlidingWindowHybridLayer",
     "QuantizedStaticHybridLayer",
-    "QuantizedStaticSlidingWindowHybridLayer",
     "cache_layer",
     "kv_cache_nbytes",
     "token_minor",

@@ -10,7 +10,6 @@ from .hybrid import (
     QuantizedHybridLayer,
     QuantizedSlidingWindowHybridLayer,
     QuantizedStaticHybridLayer,
-    QuantizedStaticSlidingWindowHybridLayer,
 )
 from .layer import QuantizedPerTokenHeadLayer
 from .ring import QuantizedPerTokenHeadStaticSlidingWindowLayer
@@ -31,7 +30,8 @@ QUANTIZED_LAYER_TYPE_MAPPING = {
     ("hybrid", False): QuantizedHybridLayer,
     ("hybrid_sliding", False): QuantizedSlidingWindowHybridLayer,
     ("hybrid", True): QuantizedStaticHybridLayer,
-    ("hybrid_sliding", True): QuantizedStaticSlidingWindowHybridLayer,
+    # a hybrid layer's sliding attention keeps every slot: its ring (one window) broke Inkling 2 on transformers 5.24
+    ("hybrid_sliding", True): QuantizedStaticHybridLayer,
 }
 # Layer types whose attention has no sliding window (the config's ``sliding_window`` is for other layers).
 _FULL_ATTENTION_TYPES = ("full_attention", "hybrid")

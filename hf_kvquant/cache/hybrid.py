@@ -9,7 +9,6 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin, LinearAtten
 from ..modes import KVQuantMode
 from .inputs import check_crop_argument
 from .layer import QuantizedPerTokenHeadLayer
-from .ring import QuantizedPerTokenHeadStaticSlidingWindowLayer
 from .sliding import QuantizedPerTokenHeadSlidingWindowLayer
 from .static import QuantizedPerTokenHeadStaticLayer
 
@@ -144,15 +143,3 @@ class QuantizedStaticHybridLayer(_StatesAndQuantizedAttention, QuantizedPerToken
                                                   sliding_window=sliding_window)
         self._init_states(number_of_states)
 
-
-class QuantizedStaticSlidingWindowHybridLayer(_StatesAndQuantizedAttention, QuantizedPerTokenHeadStaticSlidingWindowLayer):
-    """Layer type ``"hybrid_sliding"`` with ``max_cache_len``: linear-attention states and a preallocated quantized
-    sliding-window layer holding one window (a ring). Compileable unless recording the past (the states then grow)."""
-
-    _attention = QuantizedPerTokenHeadStaticSlidingWindowLayer
-
-    def __init__(self, mode: KVQuantMode | str, max_cache_len: int, sliding_window: int, hadamard: bool = False,
-                 number_of_states: int = 1):
-        QuantizedPerTokenHeadStaticSlidingWindowLayer.__init__(self, mode, max_cache_len, sliding_window,
-                                                               hadamard=hadamard)
-        self._init_states(number_of_states)
